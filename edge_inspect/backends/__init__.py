@@ -1,0 +1,97 @@
+"""Scorer runtimes behind one interface (Frigate's detector-plugin shape).
+
+Every backend runs the *same* ONNX scorer graph:
+
+    input  "image"        float32 [1, 3, H, W]  RGB, 0..255 (normalisation is inside the graph)
+    output "anomaly_map"  float32 [1, 1, H, W]  smoothed patch distances at input resolution
+    output "score"        float32 [1]           image anomaly score
+
+Example:
+    backend = create_backend("auto", onnx_path, threads=2)
+    anomaly_map, score = backend.run(image_nchw)
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+MAP_OUTPUT = "anomaly_map"
+SCORE_OUTPUT = "score"
+
+
+class ScorerBackend(ABC):
+    """One compiled scorer graph ready to run frames. Buffers are allocated once, in __init__."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def run(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """image: float32 [1,3,H,W] RGB 0..255 -> (anomaly map float32 [H,W], image score)."""
+
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """The static input shape of the graph, [1, 3, H, W]."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for logs, stats and `doctor`: backend name, device, precision."""
+        return {"backend": self.name}
+
+    def close(self) -> None:
+        """Release device resources. Safe to call twice."""
+
+
+def create_backend(kind: str, onnx_path: str | Path, **options: Any) -> ScorerBackend:
+    """Pick and build a backend. kind: auto | onnxruntime | tensorrt.
+
+    `auto` takes TensorRT when it imports and a CUDA GPU exists, otherwise ONNX Runtime; the choice
+    and its reason are logged.
+    """
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise UserError(f"scorer graph {onnx_path} does not exist: run `edge-inspect calibrate` for this product")
+    if kind == "auto":
+        kind, reason = _auto_choice()
+        log.info("scoring.backend auto -> %s (%s)", kind, reason)
+    if kind == "onnxruntime":
+        from .ort_backend import OrtBackend
+
+        return OrtBackend(onnx_path, **{k: v for k, v in options.items() if k in OrtBackend.OPTIONS})
+    if kind == "tensorrt":
+        from .trt_backend import TensorRTBackend
+
+        return TensorRTBackend(onnx_path, **{k: v for k, v in options.items() if k in TensorRTBackend.OPTIONS})
+    raise UserError(f"scoring.backend: unknown backend {kind!r}; use auto, onnxruntime or tensorrt")
+
+
+def _auto_choice() -> tuple[str, str]:
+    """(backend, reason): TensorRT when it imports and a CUDA GPU exists, else ONNX Runtime."""
+    try:
+        from .trt_backend import tensorrt_available
+
+        ok, reason = tensorrt_available()  # cached, never raises
+    except ImportError as exc:  # the module itself only imports tensorrt lazily
+        ok, reason = False, f"TensorRT backend unavailable: {exc}"
+    if ok:
+        return "tensorrt", reason
+    return "onnxruntime", f"{reason}; using {_ort_device()}"
+
+
+def _ort_device() -> str:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return f"ONNX Runtime (not importable: {exc})"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return "ONNX Runtime with its CUDA provider"
+    return "ONNX Runtime on the CPU"

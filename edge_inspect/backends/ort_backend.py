@@ -1,0 +1,51 @@
+"""ONNX Runtime backend: CPU everywhere, CUDA provider where onnxruntime-gpu is installed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
+
+log = logging.getLogger(__name__)
+
+
+class OrtBackend(ScorerBackend):
+    name = "onnxruntime"
+    OPTIONS = ("threads", "use_cuda")
+
+    def __init__(self, onnx_path: str | Path, threads: int = 0, use_cuda: bool | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if use_cuda is not False and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        self._session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        self.providers = self._session.get_providers()
+        shape = self._session.get_inputs()[0].shape
+        if any(not isinstance(d, int) for d in shape):
+            raise ValueError(f"{onnx_path}: scorer graph input must have a static shape, got {shape}")
+        self._shape = tuple(int(d) for d in shape)
+        self._outputs = [MAP_OUTPUT, SCORE_OUTPUT]
+        log.debug("onnxruntime session on %s for %s", self.providers, onnx_path)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    def run(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        anomaly_map, score = self._session.run(self._outputs, {INPUT_NAME: image})
+        return anomaly_map[0, 0], float(score.reshape(-1)[0])
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "providers": list(self.providers), "precision": "fp32"}

@@ -1,0 +1,394 @@
+"""Build a product's calibration from a few good parts: memory bank, automatic threshold, references,
+manifest, and the product's scorer ONNX graph.
+
+Example:
+    product = calibrate_product(sorted(Path("good").glob("*.png")), "bracket-a",
+                                calibration_dir="calibration", engines_dir="engines")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from . import __version__
+from .errors import CalibrationError, UserError
+from .imageio import crop_roi, read_bgr, to_input
+from .memory import features_to_patches, greedy_coreset, nearest_distances
+from .scoring_params import ScorerParams, gaussian_kernel_1d
+from .threshold import DEFAULT_SENSITIVITY, automatic_threshold
+
+log = logging.getLogger(__name__)
+
+MIN_IMAGES = 2
+RECOMMENDED_IMAGES = 4
+PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# jitter: +-6 degree rotations, the small pose changes every real fixture lets through (default);
+# the others for products that appear flipped, turned or shifted on the line.
+AUGMENTATIONS = ("jitter", "hflip", "vflip", "rot90", "shift")
+DEFAULT_AUGMENT = ("jitter",)
+BACKBONE_FILE = "backbone/efficientnet_lite0.onnx"
+REFERENCE_SIZE = 256  # longest side of the stored good reference images
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    params: ScorerParams = field(default_factory=ScorerParams)
+    roi: tuple[int, int, int, int] | None = None
+    augment: tuple[str, ...] = DEFAULT_AUGMENT
+    bank_size: int = 2048  # most patches kept after the coreset (bounds the per-frame kNN cost)
+    sensitivity: float = DEFAULT_SENSITIVITY
+    synthetic_per_image: int = 2
+    seed: int = 0
+
+
+def validate_product_name(name: str) -> str:
+    if not PRODUCT_NAME.match(name or "") or ".." in name:
+        raise UserError(
+            f"product name {name!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.', starting with a "
+            "letter or digit (no path separators), e.g. 'bracket-a'"
+        )
+    return name
+
+
+def parse_augment(text: str | Iterable[str] | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if items == ["none"]:
+        return ()
+    bad = [t for t in items if t not in AUGMENTATIONS]
+    if bad:
+        raise UserError(f"--augment: unknown {', '.join(bad)}; choose from none, {', '.join(AUGMENTATIONS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def augmented(bgr: np.ndarray, kinds: Sequence[str], rng: np.random.Generator) -> list[np.ndarray]:
+    """Extra views of a good image for products that appear flipped, rotated or shifted on the line."""
+    out = []
+    h, w = bgr.shape[:2]
+    if "jitter" in kinds:
+        for angle in (-6.0, 6.0):
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+            out.append(cv2.warpAffine(bgr, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101))
+    if "hflip" in kinds:
+        out.append(cv2.flip(bgr, 1))
+    if "vflip" in kinds:
+        out.append(cv2.flip(bgr, 0))
+    if "rot90" in kinds:
+        out += [cv2.rotate(bgr, c) for c in (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)]
+    if "shift" in kinds:
+        for _ in range(2):
+            dx, dy = (rng.uniform(-0.05, 0.05, 2) * (w, h)).astype(int)
+            m = np.float32([[1, 0, dx], [0, 1, dy]])
+            out.append(cv2.warpAffine(bgr, m, (w, h), borderMode=cv2.BORDER_REFLECT_101))
+    return out
+
+
+def backbone_path(engines_dir: str | Path) -> Path:
+    return Path(engines_dir) / BACKBONE_FILE
+
+
+def ensure_backbone(engines_dir: str | Path) -> Path:
+    """The backbone ONNX artifact; exported from the pretrained weights (needs PyTorch) when missing."""
+    path = backbone_path(engines_dir)
+    if path.is_file():
+        return path
+    try:
+        from .export.backbone_export import export_backbone
+    except ImportError as exc:
+        raise UserError(
+            f"{path} is missing and PyTorch is not installed to export it: run `edge-inspect export-backbone` on a "
+            "machine with `pip install -e '.[export]'` and copy the file here"
+        ) from exc
+    log.info("exporting the pretrained EfficientNet-Lite0 backbone to %s", path)
+    return export_backbone(path)
+
+
+def load_folded(engines_dir: str | Path) -> tuple[dict[str, np.ndarray], str]:
+    import onnx
+
+    from .graph import folded_from_model
+
+    path = ensure_backbone(engines_dir)
+    data = path.read_bytes()
+    return folded_from_model(onnx.load_from_string(data)), hashlib.sha256(data).hexdigest()
+
+
+class FeatureExtractor:
+    """The feature graph in ONNX Runtime: patch features + global embedding for a batch of images."""
+
+    def __init__(self, folded: dict[str, np.ndarray], params: ScorerParams, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        from .graph import build_features_model
+
+        self.params = params
+        self.model = build_features_model(folded, params)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(self.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features, embedding = self.session.run(["features", "embedding"], {"image": to_input(bgr, self.params.input_size)})
+        return features[0], embedding[0]
+
+
+def anomaly_map_from_distances(patch_dist: np.ndarray, params: ScorerParams) -> np.ndarray:
+    """numpy twin of the graph's tail: bilinear upsampling + separable Gaussian with edge padding."""
+    H, W = params.input_size
+    full = cv2.resize(patch_dist.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+    k = gaussian_kernel_1d(params.sigma_px)
+    return cv2.sepFilter2D(full, -1, k, k, borderType=cv2.BORDER_REPLICATE)
+
+
+def score_patches(features: np.ndarray, bank: np.ndarray, params: ScorerParams) -> tuple[float, np.ndarray]:
+    d, h, w = features.shape
+    dist = nearest_distances(features.reshape(d, h * w).T, bank).reshape(h, w)
+    amap = anomaly_map_from_distances(dist, params)
+    return float(amap.max()), amap
+
+
+def layer_channels(params: ScorerParams, folded: dict[str, np.ndarray]) -> list[int]:
+    return [int(folded[f"blocks.{t}.project.w"].shape[0]) for t in params.taps]
+
+
+def with_layer_scales(params: ScorerParams, folded: dict[str, np.ndarray], features: np.ndarray) -> ScorerParams:
+    """Per tapped layer 1 / (mean L2 norm of its patch features) over the good images [N, D, h, w]."""
+    scales, start = [], 0
+    for c in layer_channels(params, folded):
+        norms = np.sqrt((features[:, start : start + c].astype(np.float64) ** 2).sum(axis=1))
+        scales.append(float(1.0 / max(norms.mean(), 1e-6)))
+        start += c
+    return dataclasses.replace(params, layer_scales=tuple(scales))
+
+
+def channel_scales(params: ScorerParams, folded: dict[str, np.ndarray]) -> np.ndarray:
+    """The layer scales expanded to one factor per feature channel."""
+    return np.concatenate([np.full(c, s, np.float32) for c, s in zip(layer_channels(params, folded), params.layer_scales)])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def load_good_images(paths: Sequence[Path], roi, size: tuple[int, int]) -> list[np.ndarray]:
+    """Read, crop and check the good images; unreadable files are an error naming each one."""
+    images, unreadable, shapes = [], [], set()
+    for p in paths:
+        try:
+            bgr = crop_roi(read_bgr(p), roi)
+        except UserError as exc:
+            unreadable.append(f"{p} ({exc})")
+            continue
+        shapes.add(bgr.shape[:2])
+        images.append(bgr)
+    if unreadable:
+        raise CalibrationError("cannot read these images (remove or replace them):\n  " + "\n  ".join(unreadable))
+    if len(shapes) > 1:
+        log.warning(
+            "the good images have %d different sizes (%s); all are resized to %dx%d — frames on the line should "
+            "have one size", len(shapes), ", ".join(f"{w}x{h}" for h, w in sorted(shapes)[:4]), size[1], size[0],
+        )
+    return images
+
+
+def calibrate_product(
+    image_paths: Sequence[str | Path],
+    product: str,
+    calibration_dir: str | Path = "calibration",
+    engines_dir: str | Path = "engines",
+    options: CalibrationOptions | None = None,
+    force: bool = False,
+    progress: bool = True,
+    threads: int = 0,
+    on_step: Callable[[str], None] | None = None,
+):
+    """Calibrate `product` from good images; returns the loaded scoring.ProductCalibration."""
+    from .graph import build_scorer_model, save_model
+    from .scoring import load_product
+
+    options = options or CalibrationOptions()
+    params = options.params
+    validate_product_name(product)
+    paths = [Path(p) for p in image_paths]
+    if len(paths) < MIN_IMAGES:
+        raise CalibrationError(
+            f"{len(paths)} good image(s) given; calibration needs at least {MIN_IMAGES} "
+            f"(recommended {RECOMMENDED_IMAGES}-10 of different good parts)"
+        )
+    if len(paths) < RECOMMENDED_IMAGES:
+        log.warning("only %d good images: %d or more give a more reliable threshold", len(paths), RECOMMENDED_IMAGES)
+    out_dir = Path(calibration_dir) / product
+    if out_dir.exists() and not force:
+        raise CalibrationError(f"product {product!r} already exists in {out_dir}; use --force to recalibrate it")
+    started = time.perf_counter()
+    images = load_good_images(paths, options.roi, params.input_size)
+    folded, backbone_sha = load_folded(engines_dir)
+    extractor = FeatureExtractor(folded, dataclasses.replace(params, layer_scales=()), threads)
+    rng = np.random.default_rng(options.seed)
+
+    n_steps = len(images) * (2 + options.synthetic_per_image) + 3
+    bar = _progress(n_steps, f"calibrate {product}", progress)
+    step = on_step or (lambda _msg: None)
+    step("features")
+    per_image: list[np.ndarray] = []  # patch features of each original image (and its augmentations)
+    own: list[np.ndarray] = []  # features of the original view only, for leave-one-out
+    embeddings: list[np.ndarray] = []
+    for bgr in images:
+        views = [bgr] + augmented(bgr, options.augment, rng)
+        feats = []
+        for i, view in enumerate(views):
+            f, e = extractor(view)
+            feats.append(f)
+            if i == 0:
+                own.append(f)
+                embeddings.append(e)
+        per_image.append(features_to_patches(np.stack(feats)))
+        bar.update(1)
+
+    # Equalise the tapped layers' contributions, then bake the scales into the graph's parameters.
+    params = with_layer_scales(params, folded, np.stack(own))
+    scales = channel_scales(params, folded)
+    own = [f * scales[:, None, None] for f in own]
+    per_image = [p * scales[None, :] for p in per_image]
+
+    step("coreset")
+    all_patches = np.concatenate(per_image)
+    keep = greedy_coreset(all_patches, options.bank_size, seed=options.seed)
+    bank = np.ascontiguousarray(all_patches[np.sort(keep)])
+    bar.update(1)
+
+    step("leave-one-out")
+    # Each good image against a bank of the *other* good images: how a new good part will score.
+    others_of = [np.concatenate([p for j, p in enumerate(per_image) if j != i]) for i in range(len(per_image))]
+    loo = []
+    for i, f in enumerate(own):
+        loo.append(score_patches(f, others_of[i], params)[0])
+        bar.update(1)
+
+    step("synthetic anomalies")
+    from .synth import synthetic_anomaly
+
+    # Synthetic anomalies in good image i, scored against the same leave-one-out bank as image i, so
+    # their scores compare with the good parts' leave-one-out scores like for like.
+    synthetic = []
+    size_wh = (params.input_size[1], params.input_size[0])
+    resized = [cv2.resize(b, size_wh, interpolation=cv2.INTER_AREA) for b in images]
+    for i, base in enumerate(resized):
+        donors = [b for j, b in enumerate(resized) if j != i][:3]
+        for _ in range(options.synthetic_per_image):
+            try:
+                anomalous, _mask = synthetic_anomaly(base, rng, donors)
+            except ValueError as exc:  # a flat image offers no structure to paste
+                log.debug("no synthetic anomaly for image %d: %s", i, exc)
+                bar.update(1)
+                continue
+            f, _ = extractor(anomalous)
+            f = f * scales[:, None, None]
+            synthetic.append(score_patches(f, others_of[i], params)[0])
+            bar.update(1)
+    del others_of
+
+    threshold, evidence = automatic_threshold(np.array(loo), np.array(synthetic), options.sensitivity)
+    in_sample = [score_patches(f, bank, params)[0] for f in own]
+    evidence["calibration_scores"] = [round(float(s), 5) for s in in_sample]
+
+    step("export scorer graph")
+    bank_sha = hashlib.sha256(bank.tobytes()).hexdigest()
+    engine_name = f"{product}-{bank_sha[:12]}.onnx"
+    engines = Path(engines_dir)
+    model = build_scorer_model(folded, params, bank, metadata={"product": product, "bank_sha256": bank_sha, "threshold": repr(threshold)})
+    save_model(model, engines / engine_name)
+    features_name = f"{product}-{bank_sha[:12]}.features.onnx"
+    save_model(extractor.model, engines / features_name)
+    bar.update(1)
+
+    step("write calibration")
+    tmp_dir = out_dir.with_name(f".{product}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    (tmp_dir / "references").mkdir(parents=True)
+    np.save(tmp_dir / "memory_bank.npy", bank)
+    names = []
+    for i, (bgr, p) in enumerate(zip(images, paths)):
+        scale = REFERENCE_SIZE / max(bgr.shape[:2])
+        small = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else bgr
+        name = f"{i:03d}.jpg"
+        cv2.imwrite(str(tmp_dir / "references" / name), small, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        names.append({"file": name, "source": p.name})
+    emb = np.stack(embeddings).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
+    np.save(tmp_dir / "references" / "embeddings.npy", emb)
+    (tmp_dir / "references" / "references.json").write_text(json.dumps(names, indent=1))
+    threshold_doc = {"threshold": threshold, "sensitivity": options.sensitivity, "evidence": evidence}
+    (tmp_dir / "threshold.json").write_text(json.dumps(threshold_doc, indent=1))
+    calibration_id = f"{product}@{bank_sha[:12]}"
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "product": product,
+        "calibration_id": calibration_id,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "edge_inspect_version": __version__,
+        "versions": _versions(),
+        "params": params.to_json(),
+        "input_size": list(params.input_size),
+        "roi": list(options.roi) if options.roi else None,
+        "augment": list(options.augment),
+        "seed": options.seed,
+        "threshold": threshold,
+        "sensitivity": options.sensitivity,
+        "bank": {"file": "memory_bank.npy", "patches": int(bank.shape[0]), "dim": int(bank.shape[1]), "from_patches": int(all_patches.shape[0]), "sha256": bank_sha},
+        "backbone": {"file": BACKBONE_FILE, "sha256": backbone_sha, "architecture": "efficientnet-lite0"},
+        "scorer_onnx": {"file": engine_name, "sha256": _sha256(engines / engine_name)},
+        "features_onnx": {"file": features_name, "sha256": _sha256(engines / features_name)},
+        "images": [{"source": str(p), "sha256": _sha256(p)} for p in paths],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    knowledge = out_dir / "knowledge.yaml"
+    if knowledge.is_file():  # the product's knowledge guide is written by people: keep it
+        shutil.copy2(knowledge, tmp_dir / "knowledge.yaml")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp_dir.replace(out_dir)
+    bar.update(1)
+    bar.close()
+    if evidence.get("synthetic_detected", 1.0) < 0.5:
+        log.warning(
+            "at the automatic threshold only %.0f%% of synthetic anomalies are flagged: add more good images, set "
+            "an ROI, or raise --sensitivity", 100 * evidence["synthetic_detected"],
+        )
+    return load_product(calibration_dir, product, engines_dir)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    versions = {"numpy": np.__version__, "opencv": cv2.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import onnx
+
+        versions["onnx"] = onnx.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions

@@ -1,0 +1,1 @@
+"""One module per CLI subcommand; see edge_inspect/cli.py for the contract."""

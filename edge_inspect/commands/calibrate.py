@@ -1,0 +1,75 @@
+"""`edge-inspect calibrate`: build a product's memory bank and threshold from a few good parts."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    from ._common import add_dirs
+
+    p = subparsers.add_parser("calibrate", help="build a product's memory bank and automatic threshold from good images")
+    p.add_argument("--product", required=True, help="product name (letters, digits, - _ .)")
+    p.add_argument("--images", required=True, help="folder of good-part images (4-10 recommended)")
+    add_dirs(p)
+    p.add_argument("--roi", help="x,y,width,height crop applied to every image and frame of this product")
+    p.add_argument("--size", type=int, default=256, help="square scorer input size in pixels, multiple of 32 (default 256)")
+    p.add_argument("--augment", default="jitter", help="comma list of jitter (small rotations, default), hflip, vflip, rot90, shift — or none")
+    p.add_argument("--sensitivity", type=float, default=1.0, help="higher flags more (0.1-10, default 1)")
+    p.add_argument("--bank-size", type=int, default=2048, help="max memory bank patches after the coreset (default 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing calibration of this product")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..calibrate import CalibrationOptions, calibrate_product, parse_augment
+    from ..errors import UserError
+    from ..imageio import list_images
+    from ..scoring_params import ScorerParams
+    from ._common import parse_roi, show_progress
+
+    if args.size % 32 or not 64 <= args.size <= 1024:
+        raise UserError(f"--size {args.size}: use a multiple of 32 between 64 and 1024 (256 is the default)")
+    if not 64 <= args.bank_size <= 65536:
+        raise UserError(f"--bank-size {args.bank_size}: use 64..65536")
+    images = list_images(args.images)
+    if not images:
+        raise UserError(f"{args.images} holds no images (.png .jpg .jpeg .bmp .tif .tiff .webp)")
+    options = CalibrationOptions(
+        params=ScorerParams(input_size=(args.size, args.size)),
+        roi=parse_roi(args.roi),
+        augment=parse_augment(args.augment),
+        bank_size=args.bank_size,
+        sensitivity=args.sensitivity,
+        seed=args.seed,
+    )
+    if not 0.1 <= options.sensitivity <= 10:
+        raise UserError(f"--sensitivity {args.sensitivity}: use a value between 0.1 and 10 (1 = default)")
+    product = calibrate_product(images, args.product, args.calibration_dir, args.engines_dir, options, force=args.force, progress=show_progress(args))
+    evidence = json.loads((product.directory / "threshold.json").read_text())["evidence"]
+    summary = {
+        "product": product.name,
+        "calibration_id": product.calibration_id,
+        "directory": str(product.directory),
+        "scorer_onnx": str(product.scorer_onnx),
+        "images": len(images),
+        "threshold": round(product.threshold, 5),
+        "loo_scores": evidence["loo_scores"],
+        "synthetic_detected": evidence.get("synthetic_detected"),
+        "bank_patches": product.manifest["bank"]["patches"],
+        "seconds": product.manifest["seconds"],
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"calibrated {product.name} from {len(images)} good images in {summary['seconds']} s")
+        print(f"  threshold        {summary['threshold']}  (good parts left out: {', '.join(f'{s:.3f}' for s in summary['loo_scores'])})")
+        if summary["synthetic_detected"] is not None:
+            print(f"  synthetic flaws  {100 * summary['synthetic_detected']:.0f}% flagged at this threshold")
+        print(f"  memory bank      {summary['bank_patches']} patches")
+        print(f"  calibration      {product.directory}")
+        print(f"  scorer graph     {product.scorer_onnx}")
+    return 0

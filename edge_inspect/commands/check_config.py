@@ -1,0 +1,46 @@
+"""`edge-inspect check-config FILE`: validate a daemon config without running anything."""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check-config",
+        help="validate a daemon config file (exit 0 = valid, 2 = problems, each with its line)",
+    )
+    p.add_argument("file", metavar="FILE", help="YAML config to check")
+    p.add_argument(
+        "--products", action="store_true",
+        help="also load every camera's product calibration and check the replay folders exist",
+    )
+    p.add_argument("--json", action="store_true", help="print the validated config (defaults filled in) as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    from ..capture import create_source
+    from ..config import load_config
+
+    config = load_config(args.file)
+    if args.products:
+        from ..scoring import load_product
+
+        for camera in config.cameras:
+            create_source(camera.source, camera.reconnect).check()
+            load_product(config.scoring.calibration_dir, camera.product, config.scoring.engines_dir)
+    if args.json:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+    _, password_from = config.mqtt.resolve_password()
+    print(f"{args.file}: OK")
+    print(f"  station {config.station}; broker {config.mqtt.host}:{config.mqtt.broker_port}"
+          f"{' (TLS)' if config.mqtt.tls.enabled else ''}; password: {password_from}")
+    for camera in config.cameras:
+        source = create_source(camera.source, camera.reconnect)
+        trigger = camera.trigger.mode + (f" {camera.trigger.fps:g} fps" if camera.trigger.mode == "free_run" else "")
+        print(f"  camera {camera.name}: {source.describe()}; product {camera.product}; trigger {trigger}")
+    if args.products:
+        print("  products: every calibration loads")
+    return 0

@@ -1,0 +1,63 @@
+"""`edge-inspect evaluate`: few-shot quality on an MVTec-AD-layout dataset."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="calibrate on N good shots of an MVTec-layout dataset and measure quality")
+    p.add_argument("dataset", help="folder with train/good, test/<type>, ground_truth/<type>")
+    p.add_argument("--shots", type=int, default=4, help="good images to calibrate on (the first N of train/good)")
+    p.add_argument("--engines-dir", default="engines", help="where the backbone ONNX lives (default ./engines)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--augment", default="jitter", help="as in calibrate (default jitter)")
+    p.add_argument("--sensitivity", type=float, default=1.0)
+    p.add_argument("--bank-size", type=int, default=2048)
+    p.add_argument("--roi")
+    p.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-test", type=int, help="score at most this many test images")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..calibrate import CalibrationOptions, parse_augment
+    from ..errors import UserError
+    from ..evaluate import evaluate_dataset
+    from ..scoring_params import ScorerParams
+    from ._common import parse_roi, show_progress
+
+    if args.shots < 1:
+        raise UserError("--shots must be at least 1 (calibration itself needs 2)")
+    options = CalibrationOptions(
+        params=ScorerParams(input_size=(args.size, args.size)),
+        roi=parse_roi(args.roi),
+        augment=parse_augment(args.augment),
+        bank_size=args.bank_size,
+        sensitivity=args.sensitivity,
+    )
+    result = evaluate_dataset(args.dataset, args.shots, options, args.engines_dir, args.backend, args.threads, show_progress(args), args.max_test)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rows = [
+        ("image AUROC", result["image_auroc"]),
+        ("pixel AUROC", result["pixel_auroc"]),
+        ("F1 at auto threshold", result["f1"]),
+        ("false reject rate", result["false_reject_rate"]),
+        ("miss rate", result["miss_rate"]),
+        ("threshold", result["threshold"]),
+        ("best F1 (oracle threshold)", result["best_f1"]),
+        ("scorer p50 ms", result["p50_ms"]),
+        ("scorer p99 ms", result["p99_ms"]),
+        ("good / defect images", f"{result['n_good']} / {result['n_defect']}"),
+        ("calibration s", result["calibration_s"]),
+    ]
+    print(f"{result['dataset']}  ({args.shots} shots)")
+    for name, value in rows:
+        print(f"  {name:28s} {value}")
+    print("  flagged per type: " + ", ".join(f"{t} {v['flagged']:.2f} (n={v['n']})" for t, v in result["per_type"].items()))
+    return 0

@@ -1,0 +1,242 @@
+"""Build the ONNX graphs from folded EfficientNet-Lite0 weights with onnx.helper (no PyTorch needed).
+
+Three graphs share one trunk builder:
+- the ImageNet classifier (stored as the backbone artifact; proves the port in tests),
+- the feature graph used at calibration (patch features + a global embedding for retrieval),
+- the per-product scorer graph: features -> nearest-neighbour distance to the memory bank (matrix
+  product form) -> upsampled, Gaussian-smoothed anomaly map + image score.
+
+Static shapes, opset 17, and only these ops, all compiled by TensorRT 10 (see docs/scorer.md):
+Conv, Clip, Add, Sub, Mul, AveragePool, Resize (linear, half_pixel), Concat, Slice, Reshape, MatMul,
+ReduceSum, ReduceMin, ReduceMax, Max, Sqrt, Pad (reflect, edge), GlobalAveragePool, Flatten, Gemm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .backbone import INPUT_MEAN, INPUT_STD, block_strides, lite0_blocks, same_pads
+from .scoring_params import ScorerParams, gaussian_kernel_1d
+
+OPSET = 17
+IR_VERSION = 8  # readable by onnxruntime >= 1.10 and TensorRT 10's parser
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def const(self, array: np.ndarray, name: str | None = None) -> str:
+        name = name or self.name("const")
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], prefix: str | None = None, **attrs) -> str:
+        out = self.name(prefix or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def model(self, inputs, outputs, graph_name: str, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-inspect")
+        model.ir_version = IR_VERSION
+        for k, v in (metadata or {}).items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.checker.check_model(model)
+        return model
+
+
+def _conv(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray, size: tuple[int, int], stride: int, groups: int, name: str) -> tuple[str, tuple[int, int]]:
+    k = w.shape[-1]
+    ph, pw = same_pads(size[0], k, stride), same_pads(size[1], k, stride)
+    out = g.op(
+        "Conv", [x, g.const(w, f"{name}.w"), g.const(b, f"{name}.b")], prefix=name,
+        kernel_shape=[k, k], strides=[stride, stride], pads=[ph[0], pw[0], ph[1], pw[1]], group=groups,
+    )
+    return out, (-(-size[0] // stride), -(-size[1] // stride))
+
+
+def _relu6(g: GraphBuilder, x: str) -> str:
+    return g.op("Clip", [x, g.const(np.array(0.0, np.float32)), g.const(np.array(6.0, np.float32))], prefix="relu6")
+
+
+def trunk(g: GraphBuilder, image: str, folded: dict[str, np.ndarray], size: tuple[int, int], taps: tuple[int, ...] | None):
+    """Normalise + stem + blocks. Returns (outputs of the tap blocks, last tensor, its spatial size)."""
+    x = g.op("Sub", [image, g.const(np.array(INPUT_MEAN, np.float32))], prefix="norm")
+    x = g.op("Mul", [x, g.const(np.array(1.0 / INPUT_STD, np.float32))], prefix="norm")
+    x, size = _conv(g, x, folded["stem.w"], folded["stem.b"], size, 2, 1, "stem")
+    x = _relu6(g, x)
+    tapped: dict[int, tuple[str, tuple[int, int]]] = {}
+    last = max(taps) if taps else None
+    for spec in lite0_blocks():
+        p, y = f"blocks.{spec.index}", x
+        if spec.expand != 1:
+            y, _ = _conv(g, y, folded[f"{p}.expand.w"], folded[f"{p}.expand.b"], size, 1, 1, f"{p}.expand")
+            y = _relu6(g, y)
+        hidden = spec.in_channels * spec.expand
+        y, new_size = _conv(g, y, folded[f"{p}.dw.w"], folded[f"{p}.dw.b"], size, spec.stride, hidden, f"{p}.dw")
+        y = _relu6(g, y)
+        y, new_size = _conv(g, y, folded[f"{p}.project.w"], folded[f"{p}.project.b"], new_size, 1, 1, f"{p}.project")
+        x = g.op("Add", [y, x], prefix=f"{p}.residual") if spec.residual else y
+        size = new_size
+        if taps and spec.index in taps:
+            tapped[spec.index] = (x, size)
+        if last is not None and spec.index >= last:
+            break
+    return [tapped[i] for i in sorted(taps)] if taps else [], x, size
+
+
+def _image_input(size: tuple[int, int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size[0], size[1]])
+
+
+def build_classifier_model(folded: dict[str, np.ndarray], size: tuple[int, int] = (224, 224)) -> onnx.ModelProto:
+    """The full ImageNet classifier. Saved as the backbone artifact: it carries every folded weight."""
+    g = GraphBuilder()
+    _, x, out_size = trunk(g, "image", folded, size, None)
+    x, _ = _conv(g, x, folded["head.w"], folded["head.b"], out_size, 1, 1, "head")
+    x = _relu6(g, x)
+    x = g.op("GlobalAveragePool", [x])
+    x = g.op("Flatten", [x], axis=1)
+    logits = g.op("Gemm", [x, g.const(folded["fc.w"], "fc.w"), g.const(folded["fc.b"], "fc.b")], transB=1)
+    g.nodes[-1].output[0] = "logits"
+    return g.model([_image_input(size)], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], "efficientnet_lite0")
+
+
+def folded_from_model(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Read the folded weights back out of the backbone artifact by their stable names."""
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name.endswith((".w", ".b"))}
+
+
+def _patch_features(g: GraphBuilder, folded, params: ScorerParams, projection: np.ndarray | None):
+    pad = params.context_pad
+    image, size = "image", params.input_size
+    if pad:
+        image = g.op("Pad", ["image", g.const(np.array([0, 0, pad, pad, 0, 0, pad, pad], np.int64))], prefix="context_pad", mode="reflect")
+        size = (size[0] + 2 * pad, size[1] + 2 * pad)
+    taps, _, _ = trunk(g, image, folded, size, params.taps)
+    (_, base_size) = taps[0]
+    feats = []
+    for i, (tensor, tap_size) in enumerate(taps):
+        t = g.op("AveragePool", [tensor], prefix="aggregate", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)
+        if tap_size != base_size:
+            sizes = g.const(np.array([1, _channels(folded, tensor_block(tensor)), *base_size], np.int64))
+            t = g.op("Resize", [t, "", "", sizes], prefix="upsample", mode="linear", coordinate_transformation_mode="half_pixel")
+        if params.layer_scales:
+            t = g.op("Mul", [t, g.const(np.array(params.layer_scales[i], np.float32))], prefix="layer_scale")
+        feats.append(t)
+    f = g.op("Concat", feats, axis=1) if len(feats) > 1 else feats[0]
+    if pad:
+        k = pad // base_stride(params)
+        h, w = params.input_size[0] // base_stride(params), params.input_size[1] // base_stride(params)
+        f = g.op(
+            "Slice",
+            [f, g.const(np.array([k, k], np.int64)), g.const(np.array([k + h, k + w], np.int64)), g.const(np.array([2, 3], np.int64))],
+            prefix="crop",
+        )
+        base_size = (h, w)
+    if projection is not None:
+        f = g.op("Conv", [f, g.const(projection[:, :, None, None].astype(np.float32), "projection")], prefix="project", kernel_shape=[1, 1])
+    return f, taps, base_size
+
+
+def base_stride(params: ScorerParams) -> int:
+    """Stride of the finest tapped layer: one patch of the anomaly grid is this many pixels."""
+    return block_strides()[min(params.taps)]
+
+
+def tensor_block(tensor_name: str) -> int:
+    """Block index from a tensor name made by trunk() ("blocks.N.…")."""
+    return int(tensor_name.split(".")[1])
+
+
+def _channels(folded: dict[str, np.ndarray], block: int) -> int:
+    return int(folded[f"blocks.{block}.project.w"].shape[0])
+
+
+def feature_dim(folded: dict[str, np.ndarray], params: ScorerParams) -> int:
+    return sum(_channels(folded, t) for t in params.taps)
+
+
+def build_features_model(folded: dict[str, np.ndarray], params: ScorerParams, projection: np.ndarray | None = None) -> onnx.ModelProto:
+    """image -> patch features [1, D, h, w] and a global embedding [1, C] (for reference retrieval)."""
+    g = GraphBuilder()
+    f, taps, base = _patch_features(g, folded, params, projection)
+    g.nodes[-1].output[0] = "features"
+    if f != "features":
+        # rename the last node's output: keep names consistent for callers
+        pass
+    deepest, _ = taps[-1]
+    emb = g.op("GlobalAveragePool", [deepest])
+    emb = g.op("Flatten", [emb], axis=1)
+    g.nodes[-1].output[0] = "embedding"
+    d = projection.shape[0] if projection is not None else feature_dim(folded, params)
+    outputs = [
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, d, *base]),
+        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, _channels(folded, max(params.taps))]),
+    ]
+    return g.model([_image_input(params.input_size)], outputs, "edge_inspect_features")
+
+
+def build_scorer_model(
+    folded: dict[str, np.ndarray],
+    params: ScorerParams,
+    bank: np.ndarray,
+    projection: np.ndarray | None = None,
+    metadata: dict[str, str] | None = None,
+) -> onnx.ModelProto:
+    """image -> anomaly_map [1,1,H,W], score [1]. The memory bank [M, D] is a graph constant.
+
+    Squared distances in matrix-product form: |f - m|^2 = |f|^2 - 2 m.f + |m|^2; the min over the bank
+    of (|m|^2 - 2 m.f) is one MatMul + Add + ReduceMin, then |f|^2 is added per patch.
+    """
+    g = GraphBuilder()
+    f, _, (h, w) = _patch_features(g, folded, params, projection)
+    d = bank.shape[1]
+    flat = g.op("Reshape", [f, g.const(np.array([d, h * w], np.int64))], prefix="patches")  # [D, hw]
+    cross = g.op("MatMul", [g.const((-2.0 * bank).astype(np.float32), "bank_x_minus2"), flat], prefix="knn")  # [M, hw]
+    cross = g.op("Add", [cross, g.const((bank.astype(np.float64) ** 2).sum(1, keepdims=True).astype(np.float32), "bank_sqnorm")], prefix="knn")
+    nearest = g.op("ReduceMin", [cross], prefix="knn", axes=[0], keepdims=1)  # [1, hw]
+    sq = g.op("Mul", [flat, flat], prefix="sqnorm")
+    sq = g.op("ReduceSum", [sq, g.const(np.array([0], np.int64))], prefix="sqnorm", keepdims=1)  # [1, hw]
+    dist2 = g.op("Add", [nearest, sq], prefix="knn")
+    dist2 = g.op("Max", [dist2, g.const(np.array(0.0, np.float32))], prefix="knn")
+    dist = g.op("Sqrt", [dist2], prefix="knn")
+    patch_map = g.op("Reshape", [dist, g.const(np.array([1, 1, h, w], np.int64))], prefix="patch_map")
+    H, W = params.input_size
+    full = g.op("Resize", [patch_map, "", "", g.const(np.array([1, 1, H, W], np.int64))], prefix="upsample", mode="linear", coordinate_transformation_mode="half_pixel")
+    kernel = gaussian_kernel_1d(params.sigma_px)
+    r = kernel.size // 2
+    full = g.op("Pad", [full, g.const(np.array([0, 0, r, r, 0, 0, r, r], np.int64))], prefix="smooth", mode="edge")
+    full = g.op("Conv", [full, g.const(kernel.reshape(1, 1, 1, -1), "gauss_x")], prefix="smooth", kernel_shape=[1, kernel.size])
+    g.op("Conv", [full, g.const(kernel.reshape(1, 1, -1, 1), "gauss_y")], prefix="smooth", kernel_shape=[kernel.size, 1])
+    g.nodes[-1].output[0] = "anomaly_map"
+    g.op("ReduceMax", ["anomaly_map"], prefix="score", keepdims=0)
+    g.op("Reshape", [g.nodes[-1].output[0], g.const(np.array([1], np.int64))], prefix="score")
+    g.nodes[-1].output[0] = "score"
+    outputs = [
+        helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 1, H, W]),
+        helper.make_tensor_value_info("score", TensorProto.FLOAT, [1]),
+    ]
+    return g.model([_image_input(params.input_size)], outputs, "edge_inspect_scorer", metadata)
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)

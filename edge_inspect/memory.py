@@ -1,0 +1,60 @@
+"""Memory bank algorithms as plain numpy functions: coreset selection and nearest-neighbour distances.
+
+Example:
+    patches = features.transpose(0, 2, 3, 1).reshape(-1, d)      # [N*h*w, D]
+    bank = patches[greedy_coreset(patches, 2048, seed=0)]
+    dist = nearest_distances(query_patches, bank)                # [n]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_projection(dim_in: int, dim_out: int, seed: int) -> np.ndarray:
+    """Gaussian random projection [dim_out, dim_in] (Johnson-Lindenstrauss): distances roughly kept."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((dim_out, dim_in)) / np.sqrt(dim_out)).astype(np.float32)
+
+
+def greedy_coreset(patches: np.ndarray, size: int, seed: int = 0, projection_dim: int = 128) -> np.ndarray:
+    """Greedy k-center selection (PatchCore): each step adds the patch farthest from the chosen set.
+
+    Distances are computed on a random projection for speed; the result is deterministic for a seed.
+    Returns the indices of the chosen patches, in selection order.
+    """
+    n = patches.shape[0]
+    if size >= n:
+        return np.arange(n)
+    x = patches.astype(np.float32)
+    if projection_dim and x.shape[1] > projection_dim:
+        x = x @ random_projection(x.shape[1], projection_dim, seed).T
+    rng = np.random.default_rng(seed)
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = int(rng.integers(n))
+    sq = np.einsum("ij,ij->i", x, x)
+    min_d = np.full(n, np.inf, dtype=np.float32)
+    for i in range(1, size):
+        c = x[chosen[i - 1]]
+        d = sq - 2.0 * (x @ c) + sq[chosen[i - 1]]
+        np.minimum(min_d, d, out=min_d)
+        chosen[i] = int(np.argmax(min_d))
+    return chosen
+
+
+def nearest_distances(queries: np.ndarray, bank: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Euclidean distance of each query row to its nearest bank row (matrix-product form, chunked)."""
+    bank = bank.astype(np.float32)
+    bank_sq = np.einsum("ij,ij->i", bank, bank)
+    out = np.empty(queries.shape[0], dtype=np.float32)
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start : start + chunk].astype(np.float32)
+        d2 = (bank_sq[None, :] - 2.0 * (q @ bank.T)).min(axis=1) + np.einsum("ij,ij->i", q, q)
+        out[start : start + chunk] = np.sqrt(np.maximum(d2, 0.0))
+    return out
+
+
+def features_to_patches(features: np.ndarray) -> np.ndarray:
+    """[N, D, h, w] -> [N*h*w, D] (row order: image, y, x)."""
+    n, d, h, w = features.shape
+    return np.ascontiguousarray(features.transpose(0, 2, 3, 1).reshape(n * h * w, d))

@@ -1,0 +1,603 @@
+"""The MQTT edge: results go to the SQLite spool first, then to the broker; rows leave the spool on PUBACK.
+
+Threads: the caller's (publish_* only insert into the spool and wake the sender), the sender
+(moves spooled rows to paho in id order, at most `max_inflight` unacknowledged, deletes acked rows)
+and paho's network thread (callbacks only record events and wake the sender; they never wait for
+a lock the sender holds while it calls paho, so the two cannot deadlock).
+
+After every (re)connect, paho's own queue is dropped and the sender starts again from the oldest
+unacknowledged row, marking messages it had not sent live in that connection `replayed: true`.
+Duplicates are possible (a PUBACK lost in a crash), losses are not: at most `max_inflight`
+messages can be delivered twice per broker outage or daemon crash.
+
+Example:
+    publisher = ResultPublisher(config.mqtt, config.spool, station="line3-cam1", on_trigger=capture.trigger)
+    publisher.start()                       # returns at once; connects and replays in the background
+    publisher.publish_result(inspection)    # ~0.1 ms: one SQLite insert
+    publisher.publish_update(inspection.inspection_id, vlm_update("done", verdict))
+    publisher.stop()                        # flush, status "stopped", disconnect
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from . import records
+from .config.mqtt import MqttConfig, SpoolConfig
+from .errors import ConfigError
+from .payloads import (
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    STATUS_STOPPED,
+    Topics,
+    TriggerCommand,
+    check_inspection_id,
+    check_station,
+    encode,
+    iso_utc,
+    mark_replayed,
+    parse_product_set,
+    parse_trigger,
+    result_payload,
+    stats_payload,
+    update_payload,
+)
+from .spool import PRIORITY_NG, PRIORITY_OK, PRIORITY_UPDATE, Spool, SpoolWriteError
+
+log = logging.getLogger(__name__)
+
+_SEND_BATCH = 100  # rows fetched from the spool per query while filling the in-flight window
+_LOG_REPEAT_S = 60.0  # an unchanged connection error is logged again at most this often
+# CONNACK reason codes that mean "your credentials are wrong" (MQTT 3.1.1: 4, 5; MQTT 5: 0x86, 0x87).
+_AUTH_REFUSALS = {4, 5, 0x86, 0x87}
+
+
+class ResultPublisher:
+    """Publishes inspection results over MQTT without ever losing one (see module docstring)."""
+
+    def __init__(
+        self,
+        mqtt: MqttConfig,
+        spool: SpoolConfig,
+        station: str,
+        on_trigger: Callable[[TriggerCommand], None] | None = None,
+        on_product_set: Callable[[str], None] | None = None,
+    ):
+        try:
+            self.station = check_station(station)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.config = mqtt
+        self.topics = Topics(mqtt.topic_prefix, station)
+        self.client_id = mqtt.resolved_client_id(station)
+        self.broker = f"{mqtt.host}:{mqtt.broker_port}"
+        self._on_trigger = on_trigger
+        self._on_product_set = on_product_set
+        self._tls_context = tls_context(mqtt) if mqtt.tls.enabled else None
+        self._password, self._password_source = mqtt.resolve_password()
+        self._spool = Spool(spool)
+        self._run_id = uuid.uuid4().hex[:12]
+
+        self._client: mqtt.Client | None = None
+        self._sender: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop_sender = threading.Event()
+        self._events: deque[tuple[Any, ...]] = deque()  # ("ack", mid, failure) | ("connected", gen, window) | ("disconnected",)
+        self._connected = False
+        self._generation = 0  # +1 per successful CONNACK (network thread)
+        self._started = False
+        self._stopping = False
+        self._closed = False
+        self._last_stats: bytes | None = None
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._last_logged: tuple[str, float] = ("", 0.0)
+        self._connected_since: float | None = None
+        self._failures_since_connect = 0
+        self._refused = False  # the last CONNACK was a refusal (its disconnect is not reported again)
+        self._last_socket_error: str | None = None
+        self._final_spool: dict[str, Any] = {}
+        self._last_drop_log = 0.0
+        self._counts = dict.fromkeys(
+            (
+                "connects", "disconnects", "connect_failures", "published", "replayed", "rejected", "inflight",
+                "malformed_commands", "retained_triggers_ignored", "command_errors", "triggers", "product_sets",
+                "images_published", "images_skipped", "spool_errors", "unspooled",
+            ),
+            0,
+        )
+
+    # --- public API ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background and replay whatever the spool holds. Never raises on a broker that is down."""
+        if self._started:
+            return
+        self._started = True
+        self._client = self._make_client()
+        self._sender = threading.Thread(target=self._sender_loop, name="mqtt-sender", daemon=True)
+        self._sender.start()
+        depth = self._spool.stats()["spool_depth"]
+        if depth:
+            log.info("spool %s holds %d unacknowledged message(s); they are replayed once connected", self._spool.path, depth)
+        self._client.connect_async(
+            self.config.host, self.config.broker_port, self.config.keepalive_s,
+            **({"clean_start": True} if self.config.protocol == "5" else {}),
+        )
+        self._client.loop_start()
+        log.info(
+            "publishing to %s as %r under %s/ (MQTT %s%s)", self.broker, self.client_id, self.topics.base,
+            self.config.protocol, ", TLS" if self._tls_context else "",
+        )
+
+    def publish_result(self, inspection: records.Inspection) -> None:
+        """Spool the result (one SQLite transaction), then hand it to the sender. Does not wait for the broker.
+
+        Raises ValueError for a result that cannot be serialised (e.g. a NaN score).
+        """
+        priority = PRIORITY_NG if inspection.verdict == "NG" else PRIORITY_OK
+        self._append("result", self.topics.result, priority, lambda seq: encode(result_payload(inspection, seq)))
+
+    def publish_update(self, inspection_id: str, update: dict) -> None:
+        """Spool and publish the VLM's verdict for an earlier result (`payloads.vlm_update(...)` builds `update`)."""
+        station = self.station
+        self._append(
+            "update", self.topics.result_update, PRIORITY_UPDATE,
+            lambda seq: encode(update_payload(inspection_id, station, seq, update)),
+        )
+
+    def publish_stats(self, stats: dict) -> None:
+        """Publish the daemon's counters with the publisher's state (retained, QoS 0; not spooled)."""
+        payload = encode(stats_payload(self.station, stats, self.state()))
+        self._last_stats = payload
+        client = self._client
+        if client is not None and self._connected:
+            client.publish(self.topics.stats, payload, qos=0, retain=True)
+
+    def publish_image(self, inspection_id: str, jpeg: bytes) -> None:
+        """Publish a flagged frame's JPEG (QoS 0, not spooled) when `mqtt.publish_images` is on."""
+        if not self.config.publish_images:
+            return
+        if not jpeg.startswith(b"\xff\xd8"):
+            raise ValueError("publish_image expects JPEG bytes (cv2.imencode('.jpg', ...))")
+        check_inspection_id(inspection_id)
+        client = self._client
+        if len(jpeg) > self.config.image_max_bytes or client is None or not self._connected:
+            self._counts["images_skipped"] += 1
+            log.debug("image of %s not published (%d bytes, connected=%s)", inspection_id, len(jpeg), self._connected)
+            return
+        properties = None
+        if self.config.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ContentType = "image/jpeg"
+            properties.UserProperty = [("inspection_id", inspection_id)]
+        client.publish(self.topics.image(inspection_id), jpeg, qos=0, properties=properties)
+        self._counts["images_published"] += 1
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected (True) or `timeout` s passed (False). Publishing never needs this."""
+        deadline = time.monotonic() + timeout
+        while not self._connected:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """Connection, spool and counter snapshot (also published under `mqtt` in the stats)."""
+        counts = dict(self._counts)
+        spool = self._spool_snapshot()
+        return {
+            "connected": self._connected,
+            "broker": self.broker,
+            "client_id": self.client_id,
+            "protocol": self.config.protocol,
+            "tls": self._tls_context is not None,
+            "connected_since": iso_utc(self._connected_since) if self._connected and self._connected_since else None,
+            "last_error": self._last_error,
+            "last_error_at": iso_utc(self._last_error_at) if self._last_error_at else None,
+            **spool,
+            **counts,
+        }
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wait up to `timeout` s for the spool to drain, publish status "stopped", disconnect, close the spool."""
+        if self._closed:
+            return
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        client = self._client
+        if client is not None:
+            while self._connected and time.monotonic() < deadline and self._spool.stats()["spool_depth"] > 0:
+                self._wake.set()
+                time.sleep(0.01)
+            left = self._spool.stats()["spool_depth"]
+            if left:
+                log.warning("stopping with %d message(s) still spooled; they are replayed at the next start", left)
+            if self._connected:
+                info = client.publish(self.topics.status, STATUS_STOPPED, qos=1, retain=True)
+                try:
+                    info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+                except (RuntimeError, ValueError):
+                    pass  # disconnected meanwhile: the broker's last will says "offline" instead
+        self._stop_sender.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(timeout=max(1.0, deadline - time.monotonic()))
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+        self._final_spool = self._spool_snapshot()
+        self._closed = True
+        self._spool.close()
+        log.info("publisher stopped (%d message(s) left in the spool)", self._final_spool["spool_depth"])
+
+    def __enter__(self) -> "ResultPublisher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- spooling -----------------------------------------------------------------------------
+
+    def _append(self, kind: str, topic: str, priority: int, make_payload: Callable[[int], bytes]) -> None:
+        if self._closed:
+            raise RuntimeError("the publisher is stopped")
+        origin = self._origin()
+        counter = "result_seq" if kind == "result" else "update_seq"
+        try:
+            appended = self._spool.append(kind, topic, priority, make_payload, origin, counter=counter)
+        except SpoolWriteError as exc:
+            # The disk is full or broken: publish without the guarantee rather than not at all.
+            self._counts["spool_errors"] += 1
+            log.error("spool write failed (%s); publishing %s seq %d without the spool (lost if the broker is down)",
+                      exc, kind, exc.seq)
+            client = self._client
+            if client is not None and self._connected:
+                client.publish(topic, exc.payload, qos=1)
+            self._counts["unspooled"] += 1
+            return
+        if appended.dropped:
+            self._log_drops(appended.dropped)
+        self._wake.set()
+
+    def _origin(self) -> str:
+        """The connection a new row belongs to; sent in any other one, it is marked `replayed`.
+
+        Rows spooled while the first connection is still being set up belong to that first
+        connection (not a replay), unless an attempt has already failed (the broker is down).
+        """
+        if self._connected:
+            return f"{self._run_id}:{self._generation}"
+        if self._generation == 0 and self._counts["connect_failures"] == 0:
+            return f"{self._run_id}:1"
+        return f"{self._run_id}:offline"
+
+    def _log_drops(self, dropped: tuple[tuple[str, int], ...]) -> None:
+        now = time.monotonic()
+        if now - self._last_drop_log < _LOG_REPEAT_S:
+            return
+        self._last_drop_log = now
+        stats = self._spool.stats()
+        what = ", ".join(f"{name} seq {seq}" for name, seq in dropped)
+        log.warning(
+            "spool full (%d rows, %d bytes; limits %d rows, %d bytes, policy %s): dropped %s; %d dropped in total",
+            stats["spool_depth"], stats["spool_bytes"], self._spool.config.max_rows, self._spool.config.max_bytes,
+            self._spool.config.policy, what, stats["dropped"],
+        )
+
+    def _spool_snapshot(self) -> dict[str, Any]:
+        if self._closed:
+            return dict(self._final_spool)
+        spool = self._spool.stats()
+        spool["last_seq"] = self._spool.counter("result_seq")
+        spool["last_update_seq"] = self._spool.counter("update_seq")
+        return spool
+
+    # --- the sender thread --------------------------------------------------------------------
+
+    def _sender_loop(self) -> None:
+        state = _SenderState(window=self.config.max_inflight)
+        while True:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self._sender_step(state)
+            except Exception:  # noqa: BLE001 - the sender must outlive any one bad step
+                self._counts["spool_errors"] += 1
+                log.exception("publishing from the spool failed; retrying")
+                time.sleep(0.5)
+            if self._stop_sender.is_set():
+                return
+
+    def _sender_step(self, state: "_SenderState") -> None:
+        """Apply connection events and PUBACKs in the order they happened, then top up the in-flight window."""
+        while self._events:
+            event = self._events.popleft()
+            if event[0] == "ack":
+                _, mid, failure = event
+                if mid not in state.inflight:
+                    continue  # status messages, or a connection we already gave up on
+                if failure is None:
+                    state.acked.append(mid)
+                else:
+                    row_id = state.inflight.pop(mid)
+                    self._spool.unprotect([row_id])
+                    self._counts["rejected"] += 1
+                    log.error("broker rejected spool row %d (%s); it stays spooled and is retried after the next reconnect",
+                              row_id, failure)
+            else:  # connected / disconnected: nothing in flight survives; resend from the oldest row
+                self._delete_acked(state)
+                state.inflight.clear()
+                self._spool.unprotect()
+                state.cursor = 0
+                state.generation = event[1] if event[0] == "connected" else None
+                if event[0] == "connected":
+                    state.window = event[2]
+        self._delete_acked(state)
+        if state.generation is not None and state.generation == self._generation and self._connected:
+            self._fill_window(state)
+        self._counts["inflight"] = len(state.inflight)
+
+    def _delete_acked(self, state: "_SenderState") -> None:
+        if not state.acked:
+            return
+        try:
+            self._spool.delete(state.inflight[mid] for mid in state.acked)
+        except Exception:  # noqa: BLE001 - a broken spool must not stop publishing
+            self._counts["spool_errors"] += 1
+            log.exception("could not delete %d acknowledged row(s) from the spool; they will be sent again", len(state.acked))
+        for mid in state.acked:
+            state.inflight.pop(mid, None)
+        self._counts["published"] += len(state.acked)
+        state.acked.clear()
+
+    def _fill_window(self, state: "_SenderState") -> None:
+        client = self._client
+        assert client is not None
+        live_origin = f"{self._run_id}:{state.generation}"
+        while len(state.inflight) < state.window:
+            rows = self._spool.fetch_after(state.cursor, min(_SEND_BATCH, state.window - len(state.inflight)))
+            if not rows:
+                return
+            for row in rows:
+                live = row.origin == live_origin
+                try:
+                    payload = row.payload if live else mark_replayed(row.payload)
+                except ValueError:
+                    log.error("spool row %d (%s seq %d) is not valid JSON; removing it", row.id, row.kind, row.seq)
+                    self._counts["spool_errors"] += 1
+                    self._spool.delete([row.id])
+                    state.cursor = row.id
+                    continue
+                info = client.publish(row.topic, payload, qos=1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return  # the connection dropped under us; paho's copy is discarded at the next connect
+                state.inflight[info.mid] = row.id
+                self._spool.protect(row.id)
+                state.cursor = row.id
+                if not live:
+                    self._counts["replayed"] += 1
+
+    # --- paho ---------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        v5 = self.config.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        client.on_log = self._on_paho_log
+        client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
+        client.max_inflight_messages_set(self.config.max_inflight + 2)  # + status/stats
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        client.will_set(self.topics.status, STATUS_OFFLINE, qos=1, retain=True)
+        if self.config.username:
+            if self._password is None:
+                log.warning(
+                    "mqtt.username is set but no password was found (credential %r, env %s); connecting without one",
+                    self.config.password_credential, self.config.password_env,
+                )
+            client.username_pw_set(self.config.username, self._password)
+        if self._tls_context is not None:
+            client.tls_set_context(self._tls_context)
+            if not self.config.tls.verify:
+                client.tls_insecure_set(True)
+                log.warning("mqtt.tls.verify is false: the broker's certificate is not checked")
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            hint = ""
+            if reason_code.value in _AUTH_REFUSALS:
+                hint = (f"; check mqtt.username ({self.config.username!r}) and the password "
+                        f"(credential {self.config.password_credential!r} or env {self.config.password_env}; "
+                        f"used: {self._password_source})")
+            self._refused = True
+            self._record_error(f"broker {self.broker} refused the connection: {reason_code}{hint}")
+            return
+        client.drop_out_messages()  # the sender resends from the spool, in order, marked replayed
+        self._last_socket_error = None
+        window = self.config.max_inflight
+        receive_maximum = getattr(properties, "ReceiveMaximum", None)
+        if receive_maximum:
+            window = max(1, min(window, int(receive_maximum) - 1))  # leave one for the status message
+        self._generation += 1
+        self._connected = True
+        self._connected_since = time.time()
+        self._counts["connects"] += 1
+        failures, self._failures_since_connect = self._failures_since_connect, 0
+        log.info("connected to %s%s", self.broker, f" after {failures} failed attempt(s)" if failures else "")
+        client.publish(self.topics.status, STATUS_ONLINE, qos=1, retain=True)
+        if self._last_stats is not None:
+            client.publish(self.topics.stats, self._last_stats, qos=0, retain=True)
+        client.subscribe([(self.topics.trigger, 1), (self.topics.product_set, 1)])
+        self._events.append(("connected", self._generation, window))
+        self._wake.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError` block, so the exception is still current.
+        self._record_error(describe_connect_error(sys.exc_info()[1], self.broker, self.config))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        was_connected = self._connected
+        self._connected = False
+        self._events.append(("disconnected",))
+        self._wake.set()
+        refused, self._refused = self._refused, False
+        if self._stopping or refused:
+            return
+        if not was_connected:
+            # The socket (and TLS) came up but the broker hung up before CONNACK.
+            detail = self._last_socket_error or str(reason_code)
+            hint = ""
+            if "CERTIFICATE_REQUIRED" in detail.upper() or "CERTIFICATE REQUIRED" in detail.upper():
+                hint = "; the broker requires a client certificate: set mqtt.tls.cert_file and mqtt.tls.key_file"
+            elif self._tls_context is not None and "alert" in detail.lower():
+                hint = "; the broker rejected the TLS session: check mqtt.tls.cert_file/key_file"
+            self._record_error(f"{self.broker} closed the connection before accepting it ({detail}){hint}")
+            return
+        self._counts["disconnects"] += 1
+        self._record_error(
+            f"lost the connection to {self.broker} ({reason_code}); results are spooled until it is back",
+            level=logging.WARNING, failure=False,
+        )
+
+    def _on_paho_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
+        """paho's own log: socket errors are kept for the next error report, the rest goes to debug."""
+        if level == mqtt.MQTT_LOG_ERR:
+            if message.startswith("Client is not connected"):
+                return  # paho says this on every reconnect attempt; _record_error reports the cause
+            if message.startswith("failed to receive on socket"):
+                self._last_socket_error = message.split(": ", 1)[-1]
+                log.debug("paho: %s", message)
+                return
+            log.error("paho: %s", message)
+        elif level == mqtt.MQTT_LOG_WARNING:
+            log.warning("paho: %s", message)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("paho: %s", message)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        failure = str(reason_code) if getattr(reason_code, "is_failure", False) else None
+        self._events.append(("ack", mid, failure))
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        topic = message.topic
+        if topic == self.topics.trigger:
+            if message.retain:
+                self._counts["retained_triggers_ignored"] += 1
+                log.warning("ignored a retained trigger on %s (clear it: mosquitto_pub -r -n -t '%s')", topic, topic)
+                return
+            self._dispatch("trigger", parse_trigger, self._on_trigger, message.payload, "triggers")
+        elif topic == self.topics.product_set:
+            self._dispatch("product/set", parse_product_set, self._on_product_set, message.payload, "product_sets")
+
+    def _dispatch(self, what: str, parse: Callable[[bytes], Any], handler: Callable[[Any], None] | None,
+                  payload: bytes, counter: str) -> None:
+        try:
+            command = parse(payload)
+        except ValueError as exc:
+            self._counts["malformed_commands"] += 1
+            log.warning("ignored malformed %s command: %s (payload %r)", what, exc, payload[:80])
+            return
+        self._counts[counter] += 1
+        if handler is None:
+            log.info("received %s %r but nothing handles it", what, command)
+            return
+        try:
+            handler(command)
+        except Exception:  # noqa: BLE001 - a handler bug must not take the MQTT session down
+            self._counts["command_errors"] += 1
+            log.exception("the %s handler failed on %r", what, command)
+
+    def _record_error(self, message: str, level: int = logging.ERROR, failure: bool = True) -> None:
+        """Remember a connection problem for state() and log it, once per change (or once a minute)."""
+        now = time.time()
+        self._last_error, self._last_error_at = message, now
+        if failure:
+            self._counts["connect_failures"] += 1
+            self._failures_since_connect += 1
+        last_message, last_time = self._last_logged
+        if message != last_message or now - last_time >= _LOG_REPEAT_S:
+            self._last_logged = (message, now)
+            log.log(level, "%s (retrying with back-off up to %g s)", message, self.config.reconnect_max_s)
+        else:
+            log.debug("%s", message)
+
+
+@dataclass
+class _SenderState:
+    """What the sender thread knows; only that thread touches it."""
+
+    window: int  # most rows in flight in this connection
+    inflight: dict[int, int] = field(default_factory=dict)  # paho mid -> spool row id
+    acked: list[int] = field(default_factory=list)  # mids whose PUBACK arrived, rows not yet deleted
+    cursor: int = 0  # highest row id handed to paho in this connection
+    generation: int | None = None  # the connection being sent in; None = offline
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext:
+    """Build the TLS context up front so a missing or broken file is a config error, not a retry loop."""
+    tls = config.tls
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(tls, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"mqtt.tls.{key}: {value!r} does not exist or is not a file")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        if tls.cert_file and tls.key_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"mqtt.tls: cannot load the certificates ({exc}); check ca_file/cert_file/key_file are PEM") from None
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def describe_connect_error(exc: BaseException | None, broker: str, config: MqttConfig) -> str:
+    """A failed connection attempt in words, with the config key to fix (the daemon's log and `doctor`).
+
+    Example: describe_connect_error(ConnectionRefusedError(), "localhost:1883", config.mqtt)
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS certificate check of {broker} failed ({getattr(exc, 'verify_message', None) or exc}); set mqtt.tls.ca_file to the CA "
+                f"that signed the broker's certificate and make mqtt.host match a name in it")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS handshake with {broker} failed ({exc.reason or exc}); check the port is the broker's TLS "
+                f"listener and mqtt.tls.cert_file/key_file if it requires a client certificate")
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection to {broker} refused; is the broker running and listening on that port?"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve mqtt.host {config.host!r} ({exc.strerror})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"connecting to {broker} timed out; check mqtt.host/port and the network"
+    if exc is not None and config.tls.enabled and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return f"{broker} closed the TLS connection ({exc}); it may require a client certificate (mqtt.tls.cert_file)"
+    return f"cannot connect to {broker} ({exc or 'unknown error'})"

@@ -1,0 +1,130 @@
+"""The typed, immutable records that flow between the pipeline stages.
+
+capture -> Frame -> scoring -> ScoreResult -> localize -> Region[] -> Inspection
+-> publish (result payload) ... vlm -> Verdict -> publish (result update payload)
+
+Records hold plain numpy arrays and Python values; they never hold sockets, sessions or models,
+so every stage can be tested alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+# AnomalyGPT's nine location words for a 3x3 grid, row-major from the top left.
+GRID_WORDS: tuple[str, ...] = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+
+Verdict_OK_NG = Literal["OK", "NG"]
+VlmStatus = Literal["pending", "done", "failed", "skipped"]
+
+
+def new_inspection_id() -> str:
+    """A globally unique, sortable-enough id for one inspection (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured image, as BGR uint8 pixels (OpenCV's order)."""
+
+    frame_id: int
+    timestamp: float  # UTC seconds since the epoch, taken when the frame was grabbed
+    source: str  # camera name or source description
+    pixels: np.ndarray  # HxWx3 uint8 BGR
+    part_id: str | None = None  # from an external trigger, echoed in the result
+    trigger_time: float | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The scorer's output for one frame."""
+
+    score: float  # image anomaly score (max of the smoothed anomaly map)
+    threshold: float
+    anomaly_map: np.ndarray  # HxW float32 at the scorer's input resolution
+    latency_ms: float = 0.0
+
+    @property
+    def flagged(self) -> bool:
+        return self.score >= self.threshold
+
+    @property
+    def verdict(self) -> Verdict_OK_NG:
+        return "NG" if self.flagged else "OK"
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected anomalous area of a frame, in the coordinates of the image given to localize."""
+
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, x1/y1 exclusive)
+    area_pct: float  # region area as % of the image
+    peak: float  # highest anomaly score inside the region
+    grid_words: tuple[str, ...]  # 3x3 grid cells the region covers, strongest first
+    centroid: tuple[float, float] = (0.0, 0.0)  # x, y in pixels
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "box": list(self.box),
+            "area_pct": round(float(self.area_pct), 3),
+            "peak": round(float(self.peak), 4),
+            "grid": list(self.grid_words),
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The VLM's explanation of a flagged frame (schema-constrained JSON, parsed)."""
+
+    defect: bool
+    defect_type: str
+    location: tuple[str, ...]
+    description: str
+    confidence: float
+    model: str = ""
+    latency_ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "defect": self.defect,
+            "defect_type": self.defect_type,
+            "location": list(self.location),
+            "description": self.description,
+            "confidence": round(float(self.confidence), 3),
+            "model": self.model,
+            "latency_ms": round(float(self.latency_ms), 1),
+        }
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Everything known about one inspected frame when its result is published."""
+
+    inspection_id: str
+    station: str
+    camera: str
+    product: str
+    frame_id: int
+    timestamp: float
+    score: float
+    threshold: float
+    verdict: Verdict_OK_NG
+    regions: tuple[Region, ...] = ()
+    part_id: str | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    calibration_id: str = ""
+    model_id: str = ""
+    vlm_status: VlmStatus = "skipped"
+    evidence_path: str | None = None
+
+    def replace(self, **changes: Any) -> "Inspection":
+        return dataclasses.replace(self, **changes)

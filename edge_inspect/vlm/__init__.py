@@ -1,0 +1,21 @@
+"""The VLM stage: a quantized GGUF vision-language model explains flagged frames.
+
+The scorer decides and localises; the VLM says *what* it sees, given a retrieved good reference,
+the product's knowledge file and the scorer's evidence, as schema-constrained JSON.
+
+    knowledge.py  calibration/<product>/knowledge.yaml: schema and validation
+    prompt.py     prompt assembly (reference, close-up, knowledge, evidence)
+    schema.py     verdict JSON Schema, GBNF grammar, parsing into records.Verdict
+    runner.py     llama-cpp-python in process (used inside the worker)
+    worker.py     the worker subprocess and its supervisor (timeouts, restarts)
+    stage.py      bounded queue by score, decision rule, result updates
+    tiny_gguf.py  tiny random-weight test model; the cached Gemma-3-270M text model
+
+Example:
+    stage = VlmStage(config.vlm, publisher, "calibration"); stage.start()
+    stage.submit(inspection, frame_bgr, score_result, regions)   # never blocks
+"""
+
+from .stage import VlmStage
+
+__all__ = ["VlmStage"]

@@ -1,0 +1,70 @@
+"""`edge-inspect evaluate`: few-shot quality report on a small generated MVTec-layout dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from edge_inspect import cli
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"not valid JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    pytest.importorskip("skimage")
+    from edge_inspect.synth import generate_dataset
+
+    return generate_dataset(
+        tmp_path_factory.mktemp("evaluate"), "coin", n_train=6, n_test_good=3, n_test_defect=2, size=128, seed=2,
+        kinds=("hole", "scratch"),
+    )
+
+
+def _check_report(result: dict, n_good: int, n_defect: int) -> None:
+    for key in ("image_auroc", "pixel_auroc", "f1", "false_reject_rate", "miss_rate", "best_f1"):
+        assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0, (key, result[key])
+    assert isinstance(result["threshold"], float) and result["threshold"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+    assert result["n_good"] == n_good and result["n_defect"] == n_defect
+    assert isinstance(result["n_good"], int) and isinstance(result["n_defect"], int)
+    assert result["counts"]["fp"] + result["counts"]["tn"] == n_good
+    assert result["counts"]["tp"] + result["counts"]["fn"] == n_defect
+    assert result["false_reject_rate"] == pytest.approx(result["counts"]["fp"] / n_good, abs=1e-4)
+    assert set(result["per_type"]) == {"good", "hole", "scratch"}
+    assert result["best_f1"] >= result["f1"]
+
+
+def test_evaluate_json_at_default_settings(dataset, engines_dir, capsys):
+    code = cli.main(["evaluate", str(dataset), "--shots", "4", "--json", "--engines-dir", str(engines_dir)])
+    assert code == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1
+    result = _strict_json(out)
+    assert result["shots"] == 4
+    # 6 train/good - 4 shots = 2 held-out good, plus 3 test/good; 2 kinds x 2 defects.
+    _check_report(result, n_good=5, n_defect=4)
+
+
+def test_evaluate_json_small_and_table(dataset, engines_dir, capsys):
+    args = ["evaluate", str(dataset), "--shots", "3", "--engines-dir", str(engines_dir), "--size", "64", "--bank-size", "64"]
+    assert cli.main([*args, "--json"]) == 0
+    result = _strict_json(capsys.readouterr().out.strip())
+    _check_report(result, n_good=6, n_defect=4)
+    assert not math.isnan(result["image_auroc"])
+    assert cli.main([*args, "--max-test", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "image AUROC" in out and "good / defect images" in out and "flagged per type" in out
+
+
+@pytest.mark.parametrize("shots, message", [(6, "--shots 6 needs at least 7"), (0, "--shots must be at least 1")])
+def test_evaluate_shot_count_errors(dataset, engines_dir, capsys, shots, message):
+    assert cli.main(["evaluate", str(dataset), "--shots", str(shots), "--engines-dir", str(engines_dir), "--json"]) == 2
+    assert message in capsys.readouterr().err
