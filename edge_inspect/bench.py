@@ -114,14 +114,17 @@ def reference_scorer(product, threads: int, device: str = "cpu") -> Callable[[np
 
 
 def _pick_reference_device(requested: str, backend_facts: dict[str, Any]) -> str:
-    if requested in ("cpu", "cuda"):
-        return requested
-    on_gpu = backend_facts.get("backend") == "tensorrt" or "CUDAExecutionProvider" in backend_facts.get("providers", [])
-    if not on_gpu:
-        return "cpu"
+    """cpu, or cuda where asked for (auto: where the scorer itself runs on the GPU) and torch has it."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--reference-device cuda: this PyTorch build sees no CUDA device; use cpu or auto")
+        return "cuda"
+    on_gpu = backend_facts.get("backend") == "tensorrt" or "CUDAExecutionProvider" in backend_facts.get("providers", [])
+    return "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
 
 
 def bench_product(product, frames: Sequence[np.ndarray], options: BenchOptions, source: str = "") -> dict[str, Any]:

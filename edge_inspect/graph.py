@@ -175,10 +175,7 @@ def build_features_model(folded: dict[str, np.ndarray], params: ScorerParams, pr
     """image -> patch features [1, D, h, w] and a global embedding [1, C] (for reference retrieval)."""
     g = GraphBuilder()
     f, taps, base = _patch_features(g, folded, params, projection)
-    g.nodes[-1].output[0] = "features"
-    if f != "features":
-        # rename the last node's output: keep names consistent for callers
-        pass
+    g.nodes[-1].output[0] = "features"  # the last node made the patch features: name the output
     deepest, _ = taps[-1]
     emb = g.op("GlobalAveragePool", [deepest])
     emb = g.op("Flatten", [emb], axis=1)

@@ -18,8 +18,9 @@ REGION_LEVEL = 0.75
 
 
 def grid_words_for(mask: np.ndarray, weights: np.ndarray | None = None) -> tuple[str, ...]:
-    """The 3x3 grid cells a region covers, strongest first (a cell counts if it holds >= 15% of the
-    region's mass, or holds its peak)."""
+    """The 3x3 grid cells a region covers, strongest first. A cell counts if it holds >= 15% of the
+    region's mass or >= 35% of the strongest cell's mass (so a region spread evenly over many cells
+    names all of them), or holds its peak."""
     h, w = mask.shape
     weight = mask.astype(np.float32) if weights is None else np.where(mask, weights, 0).astype(np.float32)
     total = float(weight.sum())
@@ -30,7 +31,8 @@ def grid_words_for(mask: np.ndarray, weights: np.ndarray | None = None) -> tuple
     mass = np.array([[weight[r[0] : r[-1] + 1, c[0] : c[-1] + 1].sum() for c in cols] for r in rows]).ravel()
     peak_y, peak_x = np.unravel_index(int(np.argmax(weight)), weight.shape)
     peak_cell = min(2, peak_y * 3 // h) * 3 + min(2, peak_x * 3 // w)
-    cells = [i for i in np.argsort(-mass) if mass[i] / total >= 0.15 or i == peak_cell]
+    strongest = float(mass.max())
+    cells = [i for i in np.argsort(-mass) if mass[i] > 0 and (mass[i] / total >= 0.15 or mass[i] >= 0.35 * strongest or i == peak_cell)]
     return tuple(GRID_WORDS[i] for i in cells)
 
 

@@ -24,6 +24,8 @@ def greedy_coreset(patches: np.ndarray, size: int, seed: int = 0, projection_dim
     Returns the indices of the chosen patches, in selection order.
     """
     n = patches.shape[0]
+    if size < 1:
+        raise ValueError(f"coreset size must be at least 1, got {size}")
     if size >= n:
         return np.arange(n)
     x = patches.astype(np.float32)

@@ -103,7 +103,7 @@ def test_without_torch_the_scorer_is_reported_alone(calibrated_product, tmp_path
 @pytest.mark.parametrize(
     "args, message",
     [(["--iterations", "0"], "--iterations 0"), (["--threads", "-1"], "--threads -1"), (["--shots", "1"], "--shots 1"),
-     (["--size", "100"], "--size 100")],
+     (["--size", "100"], "--size 100"), (["--category", "wood"], "--category 'wood'")],
 )
 def test_bad_options_are_user_errors(capsys, args, message):
     assert cli.main(["bench", *args]) == 2
@@ -135,3 +135,12 @@ def test_bench_with_vlm_times_the_vlm_stage_too(calibrated_product, capsys):
     assert set(modes) == {"image", "text"} and result["vlm"]["tiny"] is True
     for mode in modes.values():
         assert "error" not in mode and mode["frames"] == 1 and mode["latency_ms_p50"] > 0
+
+
+def test_reference_on_a_missing_cuda_device_is_reported_not_crashed(calibrated_product, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = _bench_json(capsys, *_product_args(calibrated_product), "--reference-device", "cuda", "--iterations", "1")
+    assert result["scorer_p50_ms"] > 0 and result["reference_p50_ms"] is None
+    assert "--reference-device cuda" in result["reference_note"]

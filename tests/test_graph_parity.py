@@ -68,7 +68,10 @@ def test_feature_graph_matches_reference_patch_features(parity, which):
     features, embedding = parity["features"].run(["features", "embedding"], {"image": x})
     with torch.inference_mode():
         expected = parity["reference"].patch_features(torch.from_numpy(x)).numpy()
-        deepest = parity["reference"].backbone.taps(torch.from_numpy(x), parity["params"].taps)[-1]
+        # The embedding pools the deepest tap over the whole backbone input, context padding included.
+        pad = parity["params"].context_pad
+        padded = torch.nn.functional.pad(torch.from_numpy(x), (pad, pad, pad, pad), mode="reflect") if pad else torch.from_numpy(x)
+        deepest = parity["reference"].backbone.taps(padded, parity["params"].taps)[-1]
     assert features.shape == expected.shape
     assert features.shape[1] == parity["bank"].shape[1]
     assert _max_rel_diff(features, expected) <= RELATIVE_TOLERANCE
@@ -89,6 +92,34 @@ def test_scorer_graph_matches_reference_scorer(parity, which):
     assert float(np.abs(anomaly_map - expected_map).max()) <= RELATIVE_TOLERANCE * scale
     assert abs(float(score[0]) - float(expected_score[0])) <= RELATIVE_TOLERANCE * scale
     assert float(score[0]) == pytest.approx(float(anomaly_map.max()), rel=1e-6)
+
+
+def test_layer_scales_are_applied_the_same_way(parity, backbone_onnx):
+    """Calibration sets one scale per tapped layer; graph and reference must scale the same channels."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+
+    from edge_inspect.export.reference import ReferenceScorer
+    from edge_inspect.graph import build_features_model, build_scorer_model, folded_from_model
+
+    torch = parity["torch"]
+    params = dataclasses.replace(parity["params"], layer_scales=tuple(0.5 * (i + 1) for i in range(len(parity["params"].taps))))
+    folded = folded_from_model(onnx.load(str(backbone_onnx)))
+    x = parity["inputs"]["defect"]
+    reference = ReferenceScorer(parity["reference"].backbone, params, parity["bank"], None).eval()
+    with torch.inference_mode():
+        expected_features = reference.patch_features(torch.from_numpy(x)).numpy()
+        expected_map, _ = (t.numpy() for t in reference(torch.from_numpy(x)))
+    features_session = ort.InferenceSession(build_features_model(folded, params).SerializeToString(), providers=["CPUExecutionProvider"])
+    (features,) = features_session.run(["features"], {"image": x})
+    assert _max_rel_diff(features, expected_features) <= RELATIVE_TOLERANCE
+    (unscaled,) = parity["features"].run(["features"], {"image": x})
+    assert not np.allclose(features, unscaled)
+    scorer_session = ort.InferenceSession(build_scorer_model(folded, params, parity["bank"]).SerializeToString(), providers=["CPUExecutionProvider"])
+    (anomaly_map,) = scorer_session.run(["anomaly_map"], {"image": x})
+    assert float(np.abs(anomaly_map - expected_map).max()) <= RELATIVE_TOLERANCE * float(expected_map.max())
 
 
 @pytest.mark.parametrize("which", ["good", "defect"])

@@ -3,6 +3,8 @@ held-out good parts pass, injected defects fail, and the regions name where the 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -32,11 +34,8 @@ def _mask_of(product: dict, image: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def scored(calibrated_product, capsys_module=None) -> dict[str, dict]:
+def scored(calibrated_product) -> dict[str, dict]:
     """Every held-out good and defective image scored once with --json, keyed by path."""
-    import contextlib
-    import io
-
     paths = calibrated_product["good"] + calibrated_product["defects"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

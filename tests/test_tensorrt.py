@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from model_helpers import random_folded_weights
 
 from edge_inspect import engines
 from edge_inspect.backends import create_backend
@@ -24,28 +25,6 @@ needs_gpu = pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT 10 and a CUDA
 
 ORIN = engines.DeviceFacts("Orin", "8.7", "10.3.0")
 XAVIER = engines.DeviceFacts("Xavier", "7.2", "10.3.0")
-
-
-def random_folded_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    """EfficientNet-Lite0 folded conv weights with the real layout and He-scaled random values."""
-    from edge_inspect.backbone import lite0_blocks
-
-    rng = np.random.default_rng(seed)
-
-    def he(shape, fan_in):
-        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    folded = {"stem.w": he((32, 3, 3, 3), 27), "stem.b": np.zeros(32, np.float32)}
-    for spec in lite0_blocks():
-        p, hidden = f"blocks.{spec.index}", spec.in_channels * spec.expand
-        if spec.expand != 1:
-            folded[f"{p}.expand.w"] = he((hidden, spec.in_channels, 1, 1), spec.in_channels)
-            folded[f"{p}.expand.b"] = np.zeros(hidden, np.float32)
-        folded[f"{p}.dw.w"] = he((hidden, 1, spec.kernel, spec.kernel), spec.kernel**2)
-        folded[f"{p}.dw.b"] = np.zeros(hidden, np.float32)
-        folded[f"{p}.project.w"] = he((spec.out_channels, hidden, 1, 1), hidden)
-        folded[f"{p}.project.b"] = np.zeros(spec.out_channels, np.float32)
-    return folded
 
 
 @pytest.fixture(scope="module")

@@ -26,3 +26,24 @@ def show_progress(args) -> bool:
 def add_dirs(parser) -> None:
     parser.add_argument("--calibration-dir", default="calibration", help="folder of calibrated products (default: ./calibration)")
     parser.add_argument("--engines-dir", default="engines", help="folder of ONNX graphs and TensorRT plans (default: ./engines)")
+
+
+def calibration_options(args):
+    """CalibrationOptions from the options `calibrate` and `evaluate` share."""
+    from ..calibrate import CalibrationOptions, parse_augment
+    from ..scoring_params import ScorerParams
+
+    if args.size % 32 or not 64 <= args.size <= 1024:
+        raise UserError(f"--size {args.size}: use a multiple of 32 between 64 and 1024 (256 is the default)")
+    if not 64 <= args.bank_size <= 65536:
+        raise UserError(f"--bank-size {args.bank_size}: use 64..65536")
+    if not 0.1 <= args.sensitivity <= 10:
+        raise UserError(f"--sensitivity {args.sensitivity}: use a value between 0.1 and 10 (1 = default)")
+    return CalibrationOptions(
+        params=ScorerParams(input_size=(args.size, args.size)),
+        roi=parse_roi(args.roi),
+        augment=parse_augment(args.augment),
+        bank_size=args.bank_size,
+        sensitivity=args.sensitivity,
+        seed=getattr(args, "seed", 0),
+    )

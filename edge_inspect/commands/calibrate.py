@@ -25,29 +25,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..calibrate import CalibrationOptions, calibrate_product, parse_augment
+    from ..calibrate import calibrate_product
     from ..errors import UserError
     from ..imageio import list_images
-    from ..scoring_params import ScorerParams
-    from ._common import parse_roi, show_progress
+    from ._common import calibration_options, show_progress
 
-    if args.size % 32 or not 64 <= args.size <= 1024:
-        raise UserError(f"--size {args.size}: use a multiple of 32 between 64 and 1024 (256 is the default)")
-    if not 64 <= args.bank_size <= 65536:
-        raise UserError(f"--bank-size {args.bank_size}: use 64..65536")
     images = list_images(args.images)
     if not images:
         raise UserError(f"{args.images} holds no images (.png .jpg .jpeg .bmp .tif .tiff .webp)")
-    options = CalibrationOptions(
-        params=ScorerParams(input_size=(args.size, args.size)),
-        roi=parse_roi(args.roi),
-        augment=parse_augment(args.augment),
-        bank_size=args.bank_size,
-        sensitivity=args.sensitivity,
-        seed=args.seed,
-    )
-    if not 0.1 <= options.sensitivity <= 10:
-        raise UserError(f"--sensitivity {args.sensitivity}: use a value between 0.1 and 10 (1 = default)")
+    options = calibration_options(args)
     product = calibrate_product(images, args.product, args.calibration_dir, args.engines_dir, options, force=args.force, progress=show_progress(args))
     evidence = json.loads((product.directory / "threshold.json").read_text())["evidence"]
     summary = {

@@ -24,21 +24,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..calibrate import CalibrationOptions, parse_augment
     from ..errors import UserError
     from ..evaluate import evaluate_dataset
-    from ..scoring_params import ScorerParams
-    from ._common import parse_roi, show_progress
+    from ._common import calibration_options, show_progress
 
     if args.shots < 1:
         raise UserError("--shots must be at least 1 (calibration itself needs 2)")
-    options = CalibrationOptions(
-        params=ScorerParams(input_size=(args.size, args.size)),
-        roi=parse_roi(args.roi),
-        augment=parse_augment(args.augment),
-        bank_size=args.bank_size,
-        sensitivity=args.sensitivity,
-    )
+    options = calibration_options(args)
     result = evaluate_dataset(args.dataset, args.shots, options, args.engines_dir, args.backend, args.threads, show_progress(args), args.max_test)
     if args.json:
         print(json.dumps(result))

@@ -44,6 +44,8 @@ def run(args) -> int:
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     any_ng = False
+    stems = [p.stem for p in paths]
+    duplicated = {s for s in stems if stems.count(s) > 1}
     if not args.json:
         print(f"{'image':40s} {'score':>8s} {'thresh':>8s} verdict  regions")
     for path in paths:
@@ -66,7 +68,8 @@ def run(args) -> int:
             "latency_ms": round(result.latency_ms, 2),
         }
         if out_dir:
-            stem = path.stem
+            # test/hole/000.png and test/scratch/000.png must not overwrite each other
+            stem = f"{path.parent.name}_{path.stem}" if path.stem in duplicated else path.stem
             amap = cv2.resize(result.anomaly_map, (view.shape[1], view.shape[0]), interpolation=cv2.INTER_LINEAR)
             local = scale_regions(regions, result.anomaly_map.shape, view.shape[:2])
             cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), overlay(view, amap, result.threshold, local))
