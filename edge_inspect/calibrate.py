@@ -320,6 +320,10 @@ def calibrate_product(
     engines = Path(engines_dir)
     model = build_scorer_model(folded, params, bank, metadata={"product": product, "bank_sha256": bank_sha, "threshold": repr(threshold)})
     save_model(model, engines / engine_name)
+    from .trt_support import check_tensorrt_compat
+
+    for problem in check_tensorrt_compat(model):  # the same file must compile on a Jetson later
+        log.warning("scorer graph may not compile with TensorRT 10: %s", problem)
     features_name = f"{product}-{bank_sha[:12]}.features.onnx"
     save_model(extractor.model, engines / features_name)
     bar.update(1)
