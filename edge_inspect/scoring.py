@@ -111,7 +111,7 @@ class Scorer:
         return ScoreResult(
             score=score,
             threshold=self.product.threshold,
-            anomaly_map=np.array(anomaly_map, dtype=np.float32, copy=True),
+            anomaly_map=np.asarray(anomaly_map, dtype=np.float32),  # backends hand out arrays the caller owns
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
 

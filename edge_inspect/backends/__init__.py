@@ -36,7 +36,10 @@ class ScorerBackend(ABC):
 
     @abstractmethod
     def run(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """image: float32 [1,3,H,W] RGB 0..255 -> (anomaly map float32 [H,W], image score)."""
+        """image: float32 [1,3,H,W] RGB 0..255 -> (anomaly map float32 [H,W], image score).
+
+        The map must be an array the caller owns (never a view of a buffer the next call reuses).
+        """
 
     @property
     @abstractmethod
