@@ -811,7 +811,7 @@ class Daemon:
 
         scoring = self.config.scoring
         product = load_product(scoring.calibration_dir, product_name, scoring.engines_dir)
-        scorer = Scorer(product, backend=scoring.backend, threads=scoring.threads, precision=scoring.precision, allow_build=scoring.allow_engine_build, engines_dir=product.engines_dir)
+        scorer = Scorer(product, backend=scoring.backend, threads=scoring.threads, precision=scoring.precision, allow_build=scoring.allow_engine_build)
         h, w = product.input_size
         scorer.score(np.zeros((h, w, 3), np.uint8))
         log.info("loaded product %s (calibration %s, threshold %.4f, %s)", product.name, product.calibration_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 
@@ -44,8 +45,8 @@ def run(args) -> int:
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     any_ng = False
-    stems = [p.stem for p in paths]
-    duplicated = {s for s in stems if stems.count(s) > 1}
+    stem_counts = Counter(p.stem for p in paths)
+    duplicated = {s for s, n in stem_counts.items() if n > 1}
     if not args.json:
         print(f"{'image':40s} {'score':>8s} {'thresh':>8s} verdict  regions")
     for path in paths:
