@@ -97,3 +97,31 @@ def folded_layers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out["head.w"], out["head.b"] = fold_batchnorm(weights, "_conv_head", "_bn1")
     out["fc.w"], out["fc.b"] = weights["_fc.weight"], weights["_fc.bias"]
     return out
+
+
+def tap_channels(tap: str) -> int:
+    """Channels of a feature tap ("blockN" / "expandN", see scoring_params.parse_tap)."""
+    from .scoring_params import parse_tap
+
+    kind, index = parse_tap(tap)
+    blocks = lite0_blocks()
+    if not 0 <= index < len(blocks):
+        raise ValueError(f"tap {tap!r}: EfficientNet-Lite0 has blocks 0..{len(blocks) - 1}")
+    spec = blocks[index]
+    if kind == "block":
+        return spec.out_channels
+    if spec.expand == 1:
+        raise ValueError(f"tap {tap!r}: block {index} has no expansion layer; tap block{index} instead")
+    return spec.in_channels * spec.expand
+
+
+def tap_stride(tap: str) -> int:
+    """Total stride of a tap: a block's expansion runs at the resolution of the block's input."""
+    from .scoring_params import parse_tap
+
+    kind, index = parse_tap(tap)
+    tap_channels(tap)  # validates the index
+    strides = block_strides()
+    if kind == "block":
+        return strides[index]
+    return strides[index - 1] if index > 0 else 2

@@ -99,7 +99,7 @@ def reference_scorer(product, threads: int, device: str = "cpu") -> Callable[[np
 
     torch.set_num_threads(threads)
     bank = np.load(product.directory / "memory_bank.npy")
-    model = ReferenceScorer(load_reference_backbone(), product.params, bank, None).eval().to(device)
+    model = ReferenceScorer(load_reference_backbone(), product.params, bank).eval().to(device)
     size, roi = tuple(product.input_size), product.roi
     buffer = np.empty((1, 3, *size), dtype=np.float32)
 

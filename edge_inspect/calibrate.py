@@ -24,10 +24,11 @@ import cv2
 import numpy as np
 
 from . import __version__
+from .backbone import tap_channels
 from .errors import CalibrationError, UserError
 from .imageio import crop_roi, read_bgr, to_input
 from .memory import features_to_patches, greedy_coreset, nearest_distances
-from .scoring_params import ScorerParams, gaussian_kernel_1d
+from .scoring_params import ScorerParams, gaussian_kernel_1d, projection_matrix
 from .threshold import DEFAULT_SENSITIVITY, automatic_threshold
 
 log = logging.getLogger(__name__)
@@ -163,23 +164,34 @@ def score_patches(features: np.ndarray, bank: np.ndarray, params: ScorerParams) 
     return float(amap.max()), amap
 
 
-def layer_channels(params: ScorerParams, folded: dict[str, np.ndarray]) -> list[int]:
-    return [int(folded[f"blocks.{t}.project.w"].shape[0]) for t in params.taps]
+def layer_channels(params: ScorerParams) -> list[int]:
+    return [tap_channels(t) for t in params.taps]
 
 
-def with_layer_scales(params: ScorerParams, folded: dict[str, np.ndarray], features: np.ndarray) -> ScorerParams:
-    """Per tapped layer 1 / (mean L2 norm of its patch features) over the good images [N, D, h, w]."""
+def with_layer_scales(params: ScorerParams, features: np.ndarray) -> ScorerParams:
+    """Per tapped layer 1 / (mean L2 norm of its patch features) over the good images [N, D, h, w]
+    (raw, unprojected features)."""
     scales, start = [], 0
-    for c in layer_channels(params, folded):
+    for c in layer_channels(params):
         norms = np.sqrt((features[:, start : start + c].astype(np.float64) ** 2).sum(axis=1))
         scales.append(float(1.0 / max(norms.mean(), 1e-6)))
         start += c
     return dataclasses.replace(params, layer_scales=tuple(scales))
 
 
-def channel_scales(params: ScorerParams, folded: dict[str, np.ndarray]) -> np.ndarray:
+def channel_scales(params: ScorerParams) -> np.ndarray:
     """The layer scales expanded to one factor per feature channel."""
-    return np.concatenate([np.full(c, s, np.float32) for c, s in zip(layer_channels(params, folded), params.layer_scales)])
+    return np.concatenate([np.full(c, s, np.float32) for c, s in zip(layer_channels(params), params.layer_scales)])
+
+
+def feature_transform(params: ScorerParams) -> Callable[[np.ndarray], np.ndarray]:
+    """Raw features [..., D, h, w] -> what the scorer graph compares: layer-scaled, then projected."""
+    weights = channel_scales(params)[:, None]  # [D, 1]
+    projection = projection_matrix(params)
+    if projection is not None:
+        weights = (projection * weights.T).T  # [D, P]: scale each input channel, then project
+        return lambda f: np.einsum("...dhw,dp->...phw", f, weights, optimize=True).astype(np.float32)
+    return lambda f: (f * weights[:, 0, None, None]).astype(np.float32)
 
 
 def _sha256(path: Path) -> str:
@@ -245,7 +257,8 @@ def calibrate_product(
     started = time.perf_counter()
     images = load_good_images(paths, options.roi, params.input_size)
     folded, backbone_sha = load_folded(engines_dir)
-    extractor = FeatureExtractor(folded, dataclasses.replace(params, layer_scales=()), threads)
+    # Raw features (no scales, no projection): the scales are measured on them first.
+    extractor = FeatureExtractor(folded, dataclasses.replace(params, layer_scales=(), projection_dim=0), threads)
     rng = np.random.default_rng(options.seed)
 
     n_steps = len(images) * (2 + options.synthetic_per_image) + 3
@@ -264,14 +277,14 @@ def calibrate_product(
             if i == 0:
                 own.append(f)
                 embeddings.append(e)
-        per_image.append(features_to_patches(np.stack(feats)))
+        per_image.append(np.stack(feats))
         bar.update(1)
 
     # Equalise the tapped layers' contributions, then bake the scales into the graph's parameters.
-    params = with_layer_scales(params, folded, np.stack(own))
-    scales = channel_scales(params, folded)
-    own = [f * scales[:, None, None] for f in own]
-    per_image = [p * scales[None, :] for p in per_image]
+    params = with_layer_scales(params, np.stack(own))
+    transform = feature_transform(params)
+    own = [transform(f) for f in own]
+    per_image = [features_to_patches(transform(p)) for p in per_image]
 
     step("coreset")
     all_patches = np.concatenate(per_image)
@@ -305,7 +318,7 @@ def calibrate_product(
                 bar.update(1)
                 continue
             f, _ = extractor(anomalous)
-            f = f * scales[:, None, None]
+            f = transform(f)
             synthetic.append(score_patches(f, others_of[i], params)[0])
             bar.update(1)
     del others_of

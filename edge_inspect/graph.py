@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .backbone import INPUT_MEAN, INPUT_STD, block_strides, lite0_blocks, same_pads
-from .scoring_params import ScorerParams, gaussian_kernel_1d
+from .backbone import INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads, tap_channels, tap_stride
+from .scoring_params import ScorerParams, gaussian_kernel_1d, output_dim, parse_tap, projection_matrix
 
 OPSET = 17
 IR_VERSION = 8  # readable by onnxruntime >= 1.10 and TensorRT 10's parser
@@ -73,30 +73,38 @@ def _relu6(g: GraphBuilder, x: str) -> str:
     return g.op("Clip", [x, g.const(np.array(0.0, np.float32)), g.const(np.array(6.0, np.float32))], prefix="relu6")
 
 
-def trunk(g: GraphBuilder, image: str, folded: dict[str, np.ndarray], size: tuple[int, int], taps: tuple[int, ...] | None):
-    """Normalise + stem + blocks. Returns (outputs of the tap blocks, last tensor, its spatial size)."""
+def trunk(g: GraphBuilder, image: str, folded: dict[str, np.ndarray], size: tuple[int, int], taps: tuple[str, ...] | None):
+    """Normalise + stem + blocks, stopping after the last tap.
+
+    Returns ([(tensor, spatial size) per tap, in the order of `taps`], last tensor, its spatial size).
+    """
+    wanted = {parse_tap(t): t for t in (taps or ())}
+    last = max(index for _, index in wanted) if wanted else None
     x = g.op("Sub", [image, g.const(np.array(INPUT_MEAN, np.float32))], prefix="norm")
     x = g.op("Mul", [x, g.const(np.array(1.0 / INPUT_STD, np.float32))], prefix="norm")
     x, size = _conv(g, x, folded["stem.w"], folded["stem.b"], size, 2, 1, "stem")
     x = _relu6(g, x)
-    tapped: dict[int, tuple[str, tuple[int, int]]] = {}
-    last = max(taps) if taps else None
+    tapped: dict[str, tuple[str, tuple[int, int]]] = {}
     for spec in lite0_blocks():
         p, y = f"blocks.{spec.index}", x
         if spec.expand != 1:
             y, _ = _conv(g, y, folded[f"{p}.expand.w"], folded[f"{p}.expand.b"], size, 1, 1, f"{p}.expand")
             y = _relu6(g, y)
+            if ("expand", spec.index) in wanted:
+                tapped[wanted["expand", spec.index]] = (y, size)
+                if spec.index == last and ("block", spec.index) not in wanted:
+                    break
         hidden = spec.in_channels * spec.expand
         y, new_size = _conv(g, y, folded[f"{p}.dw.w"], folded[f"{p}.dw.b"], size, spec.stride, hidden, f"{p}.dw")
         y = _relu6(g, y)
         y, new_size = _conv(g, y, folded[f"{p}.project.w"], folded[f"{p}.project.b"], new_size, 1, 1, f"{p}.project")
         x = g.op("Add", [y, x], prefix=f"{p}.residual") if spec.residual else y
         size = new_size
-        if taps and spec.index in taps:
-            tapped[spec.index] = (x, size)
+        if ("block", spec.index) in wanted:
+            tapped[wanted["block", spec.index]] = (x, size)
         if last is not None and spec.index >= last:
             break
-    return [tapped[i] for i in sorted(taps)] if taps else [], x, size
+    return [tapped[t] for t in taps] if taps else [], x, size
 
 
 def _image_input(size: tuple[int, int]) -> onnx.ValueInfoProto:
@@ -121,24 +129,45 @@ def folded_from_model(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name.endswith((".w", ".b"))}
 
 
-def _patch_features(g: GraphBuilder, folded, params: ScorerParams, projection: np.ndarray | None):
+def _patch_features(g: GraphBuilder, folded, params: ScorerParams):
+    """Patch features [1, D, h, w] on the finest tap's grid: aggregated, scaled, projected, cropped.
+
+    With a projection, each tap is projected on its own grid first (the projection of a concatenation
+    is the sum of per-tap projections; averaging and resizing are linear and commute with it): the
+    wide stride-16 tap is mixed down at a quarter of the positions, and aggregation and resizing then
+    run on the projected channels. The layer scale is folded into each tap's projection weights.
+    """
     pad = params.context_pad
     image, size = "image", params.input_size
     if pad:
         image = g.op("Pad", ["image", g.const(np.array([0, 0, pad, pad, 0, 0, pad, pad], np.int64))], prefix="context_pad", mode="reflect")
         size = (size[0] + 2 * pad, size[1] + 2 * pad)
     taps, _, _ = trunk(g, image, folded, size, params.taps)
-    (_, base_size) = taps[0]
-    feats = []
+    base_size = taps[0][1]
+    projection = projection_matrix(params)
+    feats, start = [], 0
     for i, (tensor, tap_size) in enumerate(taps):
-        t = g.op("AveragePool", [tensor], prefix="aggregate", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)
+        channels = tap_channels(params.taps[i])
+        scale = params.layer_scales[i] if params.layer_scales else 1.0
+        t = tensor
+        if projection is not None:
+            weights = projection[:, start : start + channels] * np.float32(scale)
+            t = g.op("Conv", [t, g.const(weights[:, :, None, None].astype(np.float32), f"projection.{i}")], prefix="project", kernel_shape=[1, 1])
+            channels = projection.shape[0]
+        t = g.op("AveragePool", [t], prefix="aggregate", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)
         if tap_size != base_size:
-            sizes = g.const(np.array([1, _channels(folded, tensor_block(tensor)), *base_size], np.int64))
+            sizes = g.const(np.array([1, channels, *base_size], np.int64))
             t = g.op("Resize", [t, "", "", sizes], prefix="upsample", mode="linear", coordinate_transformation_mode="half_pixel")
-        if params.layer_scales:
-            t = g.op("Mul", [t, g.const(np.array(params.layer_scales[i], np.float32))], prefix="layer_scale")
+        if projection is None and params.layer_scales:
+            t = g.op("Mul", [t, g.const(np.array(scale, np.float32))], prefix="layer_scale")
         feats.append(t)
-    f = g.op("Concat", feats, axis=1) if len(feats) > 1 else feats[0]
+        start += tap_channels(params.taps[i])
+    if projection is not None:
+        f = feats[0]
+        for t in feats[1:]:
+            f = g.op("Add", [f, t], prefix="project")
+    else:
+        f = g.op("Concat", feats, axis=1) if len(feats) > 1 else feats[0]
     if pad:
         k = pad // base_stride(params)
         h, w = params.input_size[0] // base_stride(params), params.input_size[1] // base_stride(params)
@@ -148,42 +177,26 @@ def _patch_features(g: GraphBuilder, folded, params: ScorerParams, projection: n
             prefix="crop",
         )
         base_size = (h, w)
-    if projection is not None:
-        f = g.op("Conv", [f, g.const(projection[:, :, None, None].astype(np.float32), "projection")], prefix="project", kernel_shape=[1, 1])
     return f, taps, base_size
 
 
 def base_stride(params: ScorerParams) -> int:
-    """Stride of the finest tapped layer: one patch of the anomaly grid is this many pixels."""
-    return block_strides()[min(params.taps)]
+    """Stride of the finest tap: one patch of the anomaly grid is this many pixels."""
+    return min(tap_stride(t) for t in params.taps)
 
 
-def tensor_block(tensor_name: str) -> int:
-    """Block index from a tensor name made by trunk() ("blocks.N.…")."""
-    return int(tensor_name.split(".")[1])
-
-
-def _channels(folded: dict[str, np.ndarray], block: int) -> int:
-    return int(folded[f"blocks.{block}.project.w"].shape[0])
-
-
-def feature_dim(folded: dict[str, np.ndarray], params: ScorerParams) -> int:
-    return sum(_channels(folded, t) for t in params.taps)
-
-
-def build_features_model(folded: dict[str, np.ndarray], params: ScorerParams, projection: np.ndarray | None = None) -> onnx.ModelProto:
+def build_features_model(folded: dict[str, np.ndarray], params: ScorerParams) -> onnx.ModelProto:
     """image -> patch features [1, D, h, w] and a global embedding [1, C] (for reference retrieval)."""
     g = GraphBuilder()
-    f, taps, base = _patch_features(g, folded, params, projection)
+    f, taps, base = _patch_features(g, folded, params)
     g.nodes[-1].output[0] = "features"  # the last node made the patch features: name the output
     deepest, _ = taps[-1]
     emb = g.op("GlobalAveragePool", [deepest])
     emb = g.op("Flatten", [emb], axis=1)
     g.nodes[-1].output[0] = "embedding"
-    d = projection.shape[0] if projection is not None else feature_dim(folded, params)
     outputs = [
-        helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, d, *base]),
-        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, _channels(folded, max(params.taps))]),
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, output_dim(params), *base]),
+        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, tap_channels(params.taps[-1])]),
     ]
     return g.model([_image_input(params.input_size)], outputs, "edge_inspect_features")
 
@@ -192,7 +205,6 @@ def build_scorer_model(
     folded: dict[str, np.ndarray],
     params: ScorerParams,
     bank: np.ndarray,
-    projection: np.ndarray | None = None,
     metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """image -> anomaly_map [1,1,H,W], score [1]. The memory bank [M, D] is a graph constant.
@@ -201,8 +213,10 @@ def build_scorer_model(
     of (|m|^2 - 2 m.f) is one MatMul + Add + ReduceMin, then |f|^2 is added per patch.
     """
     g = GraphBuilder()
-    f, _, (h, w) = _patch_features(g, folded, params, projection)
+    f, _, (h, w) = _patch_features(g, folded, params)
     d = bank.shape[1]
+    if d != output_dim(params):
+        raise ValueError(f"memory bank has {d}-dim patches but the scorer params give {output_dim(params)}-dim features")
     flat = g.op("Reshape", [f, g.const(np.array([d, h * w], np.int64))], prefix="patches")  # [D, hw]
     cross = g.op("MatMul", [g.const((-2.0 * bank).astype(np.float32), "bank_x_minus2"), flat], prefix="knn")  # [M, hw]
     cross = g.op("Add", [cross, g.const((bank.astype(np.float64) ** 2).sum(1, keepdims=True).astype(np.float32), "bank_sqnorm")], prefix="knn")

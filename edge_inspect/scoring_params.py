@@ -11,10 +11,13 @@ import numpy as np
 class ScorerParams:
     # Input resolution of the graph (H, W). 256 keeps a 32x32 patch grid at stride 8.
     input_size: tuple[int, int] = (256, 256)
-    # Backbone blocks whose outputs become patch features. Block 4 ends stage 3 (stride 8, 40 ch: edges,
-    # small texture); block 10 ends stage 5 (stride 16, 112 ch: parts, larger context). Like PatchCore's
-    # layer2+layer3: mid-level features, neither pixel-level nor ImageNet-class-specific.
-    taps: tuple[int, ...] = (4, 10)
+    # Where patch features are tapped (see parse_tap): "blockN" is the output of MBConv block N (a linear
+    # bottleneck: few channels), "expandN" the ReLU6 activations of block N's 1x1 expansion (6x the
+    # channels, nonlinear). Defaults, like PatchCore's layer2+layer3 (mid-level, neither pixel-level nor
+    # ImageNet-class-specific): block 4 ends stage 3 (stride 8, 40 ch: edges, fine texture); expand 8
+    # is block 8's view of stage 4's output (stride 16, 480 ch: parts, larger context). The rich stride-16
+    # activations beat block 10's 112-ch bottleneck by +0.02 image AUROC on average (docs/scorer.md).
+    taps: tuple[str, ...] = ("block4", "expand8")
     # Gaussian smoothing of the full-resolution map (anomalib uses sigma 4 at 256 px).
     sigma_px: float = 4.0
     # Reflect-pad the image by this many pixels before the backbone and crop the features back.
@@ -24,9 +27,16 @@ class ScorerParams:
     # One scale per tapped layer, set at calibration so every layer contributes equally to distances
     # (1 / mean L2 norm of that layer's patch features on the good images). Empty = unscaled.
     layer_scales: tuple[float, ...] = ()
-    # Random orthogonal projection of patch features to this many dims (0 = keep all).
-    projection_dim: int = 0
+    # Gaussian random projection of the concatenated patch features to this many dims (0 = keep all):
+    # keeps distances (Johnson-Lindenstrauss) at a fraction of the kNN cost of 520 raw dims.
+    projection_dim: int = 192
+    projection_seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.taps:
+            raise ValueError("taps: give at least one tap, e.g. ('block4', 'expand8')")
+        object.__setattr__(self, "taps", tuple(sorted((normalize_tap(t) for t in self.taps), key=tap_order)))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -39,13 +49,63 @@ class ScorerParams:
     def from_json(cls, d: dict) -> "ScorerParams":
         return cls(
             input_size=tuple(d["input_size"]),
-            taps=tuple(d["taps"]),
+            taps=tuple(normalize_tap(t) for t in d["taps"]),
             sigma_px=float(d["sigma_px"]),
             context_pad=int(d.get("context_pad", 0)),
             layer_scales=tuple(float(v) for v in d.get("layer_scales", ())),
             projection_dim=int(d.get("projection_dim", 0)),
+            projection_seed=int(d.get("projection_seed", 0)),
             extra=dict(d.get("extra", {})),
         )
+
+
+TAP_KINDS = ("block", "expand")
+
+
+def parse_tap(tap: str) -> tuple[str, int]:
+    """("block" | "expand", block index) from "block4" / "expand8"."""
+    for kind in TAP_KINDS:
+        if tap.startswith(kind) and tap[len(kind):].isdigit():
+            return kind, int(tap[len(kind):])
+    raise ValueError(f"tap {tap!r}: write blockN (output of block N) or expandN (block N's expansion activations)")
+
+
+def normalize_tap(tap: str | int) -> str:
+    """Manifests before 0.2 stored block outputs as plain integers."""
+    if isinstance(tap, int):
+        return f"block{tap}"
+    parse_tap(tap)
+    return tap
+
+
+def tap_order(tap: str) -> tuple[int, int]:
+    """Network order: block N's expansion comes before block N's output."""
+    kind, index = parse_tap(tap)
+    return index, TAP_KINDS.index(kind)
+
+
+def feature_dim(params: ScorerParams) -> int:
+    """Channels of the concatenated taps, before any projection."""
+    from .backbone import tap_channels
+
+    return sum(tap_channels(t) for t in params.taps)
+
+
+def projection_matrix(params: ScorerParams) -> np.ndarray | None:
+    """[projection_dim, feature_dim] Gaussian random projection, or None. Derived from the params alone
+    (dims + seed), so calibration, the ONNX graph and the eager reference all use the same matrix."""
+    from .memory import random_projection
+
+    d = feature_dim(params)
+    if not params.projection_dim or params.projection_dim >= d:
+        return None
+    return random_projection(d, params.projection_dim, params.projection_seed)
+
+
+def output_dim(params: ScorerParams) -> int:
+    """Dimension of the patch features the memory bank holds."""
+    p = projection_matrix(params)
+    return feature_dim(params) if p is None else int(p.shape[0])
 
 
 def gaussian_kernel_1d(sigma: float) -> np.ndarray:

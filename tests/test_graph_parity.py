@@ -51,7 +51,7 @@ def parity(backbone_onnx):
     patches = features_to_patches(np.concatenate(features))
     bank = np.ascontiguousarray(patches[np.sort(greedy_coreset(patches, 512, seed=0))])
     scorer_session = ort.InferenceSession(build_scorer_model(folded, params, bank).SerializeToString(), providers=["CPUExecutionProvider"])
-    reference = ReferenceScorer(load_reference_backbone(), params, bank, None).eval()
+    reference = ReferenceScorer(load_reference_backbone(), params, bank).eval()
     defective, mask, _ = inject_defect(goods[3], np.random.default_rng(5), "hole")
     inputs = {"good": to_input(goods[3], params.input_size), "defect": to_input(defective, params.input_size)}
     yield {
@@ -108,7 +108,7 @@ def test_layer_scales_are_applied_the_same_way(parity, backbone_onnx):
     params = dataclasses.replace(parity["params"], layer_scales=tuple(0.5 * (i + 1) for i in range(len(parity["params"].taps))))
     folded = folded_from_model(onnx.load(str(backbone_onnx)))
     x = parity["inputs"]["defect"]
-    reference = ReferenceScorer(parity["reference"].backbone, params, parity["bank"], None).eval()
+    reference = ReferenceScorer(parity["reference"].backbone, params, parity["bank"]).eval()
     with torch.inference_mode():
         expected_features = reference.patch_features(torch.from_numpy(x)).numpy()
         expected_map, _ = (t.numpy() for t in reference(torch.from_numpy(x)))
@@ -204,3 +204,31 @@ def test_runtime_path_does_not_import_torch(tmp_path, engines_factory):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["torch"] == []
     assert report["score"] > 0
+
+
+def test_calibration_projects_raw_features_into_the_graphs_space(parity, backbone_onnx):
+    """Calibration builds the bank from raw features (concatenated, then scaled and projected in
+    numpy); the graph projects each tap on its own grid before pooling and resizing. Both must give
+    the same patch features, or the bank and the live frames would live in different spaces."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+
+    from edge_inspect.calibrate import feature_transform
+    from edge_inspect.graph import build_features_model, folded_from_model
+    from edge_inspect.scoring_params import output_dim, projection_matrix
+
+    params = dataclasses.replace(parity["params"], layer_scales=(0.7, 1.9))
+    assert projection_matrix(params) is not None, "the default scorer projects its features"
+    folded = folded_from_model(onnx.load(str(backbone_onnx)))
+    raw_params = dataclasses.replace(params, layer_scales=(), projection_dim=0)
+    x = parity["inputs"]["defect"]
+
+    def run(p):
+        session = ort.InferenceSession(build_features_model(folded, p).SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["features"], {"image": x})[0]
+
+    raw, projected = run(raw_params), run(params)
+    assert raw.shape[1] > projected.shape[1] == output_dim(params)
+    assert _max_rel_diff(feature_transform(params)(raw), projected) <= RELATIVE_TOLERANCE

@@ -30,12 +30,13 @@ XAVIER = engines.DeviceFacts("Xavier", "7.2", "10.3.0")
 @pytest.fixture(scope="module")
 def scorer_onnx(tmp_path_factory):
     """The product's scorer graph structure (edge_inspect.graph), random weights, a 128x128 input."""
-    from edge_inspect.graph import build_scorer_model, feature_dim, save_model
+    from edge_inspect.graph import build_scorer_model, save_model
+    from edge_inspect.scoring_params import output_dim
     from edge_inspect.scoring_params import ScorerParams
 
     folded = random_folded_weights()
     params = ScorerParams(input_size=(128, 128))
-    bank = np.random.default_rng(1).standard_normal((256, feature_dim(folded, params))).astype(np.float32)
+    bank = np.random.default_rng(1).standard_normal((256, output_dim(params))).astype(np.float32)
     path = tmp_path_factory.mktemp("engines") / "widget-0123456789ab.onnx"
     save_model(build_scorer_model(folded, params, bank), path)
     return path

@@ -41,12 +41,13 @@ def _has(problems: list[str], *needles: str) -> bool:
 
 def test_real_scorer_graph_passes():
     """The graph the product ships, built by edge_inspect.graph (weights random, structure real)."""
-    from edge_inspect.graph import build_scorer_model, feature_dim
+    from edge_inspect.graph import build_scorer_model
+    from edge_inspect.scoring_params import output_dim
     from edge_inspect.scoring_params import ScorerParams
 
     folded = random_folded_weights()
     params = ScorerParams(input_size=(128, 128))
-    bank = np.random.default_rng(1).standard_normal((64, feature_dim(folded, params))).astype(np.float32)
+    bank = np.random.default_rng(1).standard_normal((64, output_dim(params))).astype(np.float32)
     model = build_scorer_model(folded, params, bank)
     ops = {n.op_type for n in model.graph.node}
     assert {"Conv", "Clip", "AveragePool", "Resize", "MatMul", "ReduceMin", "Pad", "Sqrt"} <= ops
@@ -54,12 +55,13 @@ def test_real_scorer_graph_passes():
 
 
 def test_real_scorer_graph_from_file_passes(tmp_path):
-    from edge_inspect.graph import build_scorer_model, feature_dim, save_model
+    from edge_inspect.graph import build_scorer_model, save_model
+    from edge_inspect.scoring_params import output_dim
     from edge_inspect.scoring_params import ScorerParams
 
     folded = random_folded_weights(seed=2)
     params = ScorerParams(input_size=(96, 128), projection_dim=0)
-    bank = np.ones((8, feature_dim(folded, params)), np.float32)
+    bank = np.ones((8, output_dim(params)), np.float32)
     path = tmp_path / "scorer.onnx"
     save_model(build_scorer_model(folded, params, bank), path)
     assert check_tensorrt_compat_file(str(path)) == []

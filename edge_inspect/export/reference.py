@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbone import BN_EPS, INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads
-from ..scoring_params import ScorerParams, gaussian_kernel_1d
+from ..scoring_params import ScorerParams, gaussian_kernel_1d, parse_tap, projection_matrix
 
 
 class SameConv(nn.Conv2d):
@@ -42,10 +42,11 @@ class Block(nn.Module):
         self._project_conv = SameConv(hidden, spec.out_channels, 1, bias=False)
         self._bn2 = _bn(spec.out_channels)
 
+    def expansion(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._expand_conv(x))) if self.spec.expand != 1 else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        if self.spec.expand != 1:
-            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = self.expansion(x)
         y = F.relu6(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
         return y + x if self.spec.residual else y
@@ -67,16 +68,22 @@ class EfficientNetLite0(nn.Module):
     def normalize(rgb255: torch.Tensor) -> torch.Tensor:
         return (rgb255 - INPUT_MEAN) / INPUT_STD
 
-    def taps(self, rgb255: torch.Tensor, indices: tuple[int, ...]) -> list[torch.Tensor]:
+    def taps(self, rgb255: torch.Tensor, taps: tuple[str, ...]) -> list[torch.Tensor]:
+        """Activations at the named taps ("blockN" output, "expandN" expansion), in the order given."""
+        wanted = {parse_tap(t): t for t in taps}
         x = F.relu6(self._bn0(self._conv_stem(self.normalize(rgb255))))
-        out = []
+        found: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in indices:
-                out.append(x)
-            if i >= max(indices):
+            if ("expand", i) in wanted:
+                found[wanted["expand", i]] = block.expansion(x)
+            if len(found) == len(wanted):
                 break
-        return out
+            x = block(x)
+            if ("block", i) in wanted:
+                found[wanted["block", i]] = x
+            if len(found) == len(wanted):
+                break
+        return [found[t] for t in taps]
 
     def forward(self, rgb255: torch.Tensor) -> torch.Tensor:
         """ImageNet logits."""
@@ -101,39 +108,48 @@ def load_reference_backbone(weights: dict[str, np.ndarray] | None = None) -> Eff
 
 
 class ReferenceScorer(nn.Module):
-    """The scorer algorithm in eager PyTorch: taps -> 3x3 avg -> upsample+concat -> project -> kNN -> map."""
+    """The scorer algorithm in eager PyTorch, written plainly: taps -> 3x3 avg -> upsample -> scale ->
+    concat -> crop -> random projection -> kNN (cdist) -> upsampled, smoothed map."""
 
-    def __init__(self, backbone: EfficientNetLite0, params: ScorerParams, bank: np.ndarray, projection: np.ndarray | None) -> None:
+    def __init__(self, backbone: EfficientNetLite0, params: ScorerParams, bank: np.ndarray) -> None:
         super().__init__()
         self.backbone = backbone
         self.params = params
         self.register_buffer("bank", torch.from_numpy(bank.astype(np.float32)))
-        self.projection = None if projection is None else torch.from_numpy(projection.astype(np.float32))
+        projection = projection_matrix(params)
+        self.projection = None if projection is None else torch.from_numpy(projection)
         k = torch.from_numpy(gaussian_kernel_1d(params.sigma_px))
         self.register_buffer("kernel", k)
 
     def patch_features(self, rgb255: torch.Tensor) -> torch.Tensor:
-        """[1, D, h, w] patch features."""
+        """[1, D, h, w] patch features.
+
+        With a projection, each tap is projected on its own grid before aggregation and resizing, as
+        the graph does (all linear, so equal to projecting the concatenation; calibration does the
+        latter in numpy and a test checks the two agree). Same work on both sides keeps the speed-up
+        in `edge-inspect bench` about the runtime, not about the order of operations.
+        """
         pad = self.params.context_pad
         if pad:
             rgb255 = F.pad(rgb255, (pad, pad, pad, pad), mode="reflect")
         taps = self.backbone.taps(rgb255, self.params.taps)
         size = taps[0].shape[-2:]
-        feats = []
+        feats, start = [], 0
         for i, t in enumerate(taps):
+            scale = self.params.layer_scales[i] if self.params.layer_scales else 1.0
+            if self.projection is not None:
+                block = self.projection[:, start : start + t.shape[1]]
+                start += t.shape[1]
+                t = torch.einsum("dc,bchw->bdhw", block, t)
             t = F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
             if t.shape[-2:] != size:
                 t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-            if self.params.layer_scales:
-                t = t * self.params.layer_scales[i]
-            feats.append(t)
-        f = torch.cat(feats, dim=1)
+            feats.append(t * scale)
+        f = torch.stack(feats).sum(dim=0) if self.projection is not None else torch.cat(feats, dim=1)
         if pad:
             stride = rgb255.shape[-1] // size[-1]
             k = pad // stride
             f = f[:, :, k : size[0] - k, k : size[1] - k]
-        if self.projection is not None:
-            f = torch.einsum("dc,bchw->bdhw", self.projection, f)
         return f
 
     def forward(self, rgb255: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
