@@ -68,3 +68,29 @@ def test_evaluate_json_small_and_table(dataset, engines_dir, capsys):
 def test_evaluate_shot_count_errors(dataset, engines_dir, capsys, shots, message):
     assert cli.main(["evaluate", str(dataset), "--shots", str(shots), "--engines-dir", str(engines_dir), "--json"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_shot_sets_use_disjoint_shots_and_summarise(dataset, engines_dir, capsys):
+    args = ["evaluate", str(dataset), "--shots", "2", "--shot-sets", "2", "--engines-dir", str(engines_dir), "--size", "64", "--bank-size", "64"]
+    assert cli.main([*args, "--json"]) == 0
+    result = _strict_json(capsys.readouterr().out.strip())
+    runs = result["runs"]
+    assert result["shot_sets"] == 2 and [r["shot_set"] for r in runs] == [0, 1]
+    assert set(runs[0]["shot_images"]).isdisjoint(runs[1]["shot_images"])
+    for run in runs:  # 6 train/good - 2 shots = 4 held out (the other set's shots among them), plus 3 test/good
+        _check_report(run, n_good=7, n_defect=4)
+    for key in ("image_auroc", "f1", "false_reject_rate", "threshold"):
+        values = [r[key] for r in runs]
+        assert result[key] == pytest.approx(sum(values) / 2, abs=1e-4)
+        assert result[f"{key}_min"] == min(values) and result[f"{key}_max"] == max(values)
+    assert result["p99_ms"] == max(r["p99_ms"] for r in runs)
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 shot sets" in out and "shot set 1 (" in out
+
+
+def test_shot_sets_need_enough_good_images(dataset, engines_dir, capsys):
+    assert cli.main(["evaluate", str(dataset), "--shots", "3", "--shot-sets", "2", "--engines-dir", str(engines_dir)]) == 2
+    assert "--shots 3 with 2 shot sets needs at least 7" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(dataset), "--shot-sets", "0", "--engines-dir", str(engines_dir)]) == 2
+    assert "--shot-sets must be at least 1" in capsys.readouterr().err

@@ -9,6 +9,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="calibrate on N good shots of an MVTec-layout dataset and measure quality")
     p.add_argument("dataset", help="folder with train/good, test/<type>, ground_truth/<type>")
     p.add_argument("--shots", type=int, default=4, help="good images to calibrate on (the first N of train/good)")
+    p.add_argument(
+        "--shot-sets", type=int, default=1,
+        help="repeat with this many disjoint shot sets (images 1..N, N+1..2N, ...) and report mean, min and max: "
+        "few-shot results depend on which shots they are",
+    )
     p.add_argument("--engines-dir", default="engines", help="where the backbone ONNX lives (default ./engines)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--augment", default="jitter", help="as in calibrate (default jitter)")
@@ -25,16 +30,21 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import UserError
-    from ..evaluate import evaluate_dataset
+    from ..evaluate import evaluate_shot_sets
     from ._common import calibration_options, show_progress
 
     if args.shots < 1:
         raise UserError("--shots must be at least 1 (calibration itself needs 2)")
     options = calibration_options(args)
-    result = evaluate_dataset(args.dataset, args.shots, options, args.engines_dir, args.backend, args.threads, show_progress(args), args.max_test)
+    result = evaluate_shot_sets(
+        args.dataset, args.shots, args.shot_sets, options=options, engines_dir=args.engines_dir, backend=args.backend,
+        threads=args.threads, progress=show_progress(args), max_test=args.max_test,
+    )
     if args.json:
         print(json.dumps(result))
         return 0
+    if args.shot_sets > 1:
+        return _print_summary(result)
     rows = [
         ("image AUROC", result["image_auroc"]),
         ("pixel AUROC", result["pixel_auroc"]),
@@ -52,4 +62,21 @@ def run(args) -> int:
     for name, value in rows:
         print(f"  {name:28s} {value}")
     print("  flagged per type: " + ", ".join(f"{t} {v['flagged']:.2f} (n={v['n']})" for t, v in result["per_type"].items()))
+    return 0
+
+
+def _print_summary(result: dict) -> int:
+    print(f"{result['dataset']}  ({result['shots']} shots, {result['shot_sets']} shot sets: mean [min .. max])")
+    for key, name in (
+        ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("f1", "F1 at auto threshold"),
+        ("false_reject_rate", "false reject rate"), ("miss_rate", "miss rate"), ("best_f1", "best F1 (oracle threshold)"),
+    ):
+        if result[key] is None:
+            print(f"  {name:28s} -")
+        else:
+            print(f"  {name:28s} {result[key]:.4f}  [{result[key + '_min']:.4f} .. {result[key + '_max']:.4f}]")
+    for run in result["runs"]:
+        print(f"  shot set {run['shot_set']} ({', '.join(run['shot_images'])}): image AUROC {run['image_auroc']}, "
+              f"F1 {run['f1']}, false rejects {run['false_reject_rate']}")
+    print(f"  {'good / defect images':28s} {result['n_good']} / {result['n_defect']}")
     return 0
