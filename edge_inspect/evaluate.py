@@ -143,7 +143,7 @@ def evaluate_shot_sets(root: str | Path, shots: int, sets: int, **kwargs) -> dic
     """Evaluate `sets` disjoint shot sets in turn and summarise them.
 
     Why: with four shots the result depends on which four good images they are (image AUROC moved by
-    0.04 between shot sets of one dataset), so one run can mislead a comparison. The summary keeps
+    up to 0.09 between shot sets of one dataset), so one run can mislead a comparison. The summary keeps
     the single-run keys (as means; latency as the worst run's) and adds each key's min/max and every
     run in `runs`.
     """

@@ -39,6 +39,8 @@ class ScorerParams:
     def __post_init__(self) -> None:
         if not self.taps:
             raise ValueError("taps: give at least one tap, e.g. ('block4', 'expand8')")
+        if len(set(self.taps)) != len(self.taps):
+            raise ValueError(f"taps: {list(self.taps)} names a tap twice")
         object.__setattr__(self, "taps", tuple(sorted((normalize_tap(t) for t in self.taps), key=tap_order)))
 
     def to_json(self) -> dict:
@@ -74,7 +76,7 @@ def parse_tap(tap: str) -> tuple[str, int]:
 
 
 def normalize_tap(tap: str | int) -> str:
-    """Manifests before 0.2 stored block outputs as plain integers."""
+    """Older manifests stored block outputs as plain integers (4 = "block4")."""
     if isinstance(tap, int):
         return f"block{tap}"
     parse_tap(tap)
@@ -84,7 +86,7 @@ def normalize_tap(tap: str | int) -> str:
 def tap_order(tap: str) -> tuple[int, int]:
     """Network order: block N's expansion comes before block N's output."""
     kind, index = parse_tap(tap)
-    return index, TAP_KINDS.index(kind)
+    return index, 0 if kind == "expand" else 1
 
 
 def feature_dim(params: ScorerParams) -> int:

@@ -108,8 +108,9 @@ def load_reference_backbone(weights: dict[str, np.ndarray] | None = None) -> Eff
 
 
 class ReferenceScorer(nn.Module):
-    """The scorer algorithm in eager PyTorch, written plainly: taps -> 3x3 avg -> upsample -> scale ->
-    concat -> crop -> random projection -> kNN (cdist) -> upsampled, smoothed map."""
+    """The scorer algorithm in eager PyTorch, written plainly: taps -> per-tap slice of the random
+    projection -> 3x3 avg -> upsample -> layer scale -> sum (concat without a projection) -> crop ->
+    kNN (cdist) -> upsampled, smoothed map."""
 
     def __init__(self, backbone: EfficientNetLite0, params: ScorerParams, bank: np.ndarray) -> None:
         super().__init__()
