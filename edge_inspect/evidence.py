@@ -108,7 +108,7 @@ def decode_map_png(png: bytes | Path, value_range: tuple[float, float]) -> np.nd
 
 def inspection_payload(inspection: Inspection) -> dict[str, Any]:
     """The result payload of an inspection as the publisher sends it (without the stream's seq)."""
-    from .payloads import result_payload
+    from .mqtt.payloads import result_payload
 
     payload = dict(result_payload(inspection, seq=1))
     for stream_only in ("seq", "replayed"):  # properties of one MQTT delivery, not of the inspection

@@ -69,18 +69,6 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, min_area_px: int = 1
     return tuple(regions[:max_regions])
 
 
-def scale_regions(regions: tuple[Region, ...], from_size: tuple[int, int], to_size: tuple[int, int], offset: tuple[int, int] = (0, 0)) -> tuple[Region, ...]:
-    """Map regions from the scorer's input resolution (H, W) back to frame pixels (+ ROI offset)."""
-    sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    ox, oy = offset
-    out = []
-    for r in regions:
-        x0, y0, x1, y1 = r.box
-        box = (int(x0 * sx) + ox, int(y0 * sy) + oy, int(round(x1 * sx)) + ox, int(round(y1 * sy)) + oy)
-        out.append(Region(box=box, area_pct=r.area_pct, peak=r.peak, grid_words=r.grid_words, centroid=(r.centroid[0] * sx + ox, r.centroid[1] * sy + oy)))
-    return tuple(out)
-
-
 def heatmap(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     """Colour map (BGR) where the threshold sits at 2/3 of the colour scale: OK areas stay blue-green."""
     scale = max(float(threshold) * 1.5, 1e-6)

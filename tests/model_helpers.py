@@ -7,7 +7,7 @@ import numpy as np
 
 def random_folded_weights(seed: int = 0) -> dict[str, np.ndarray]:
     """EfficientNet-Lite0 folded conv weights with the real layout and He-scaled random values."""
-    from edge_inspect.backbone import lite0_blocks
+    from edge_inspect.scorer.backbone import lite0_blocks
 
     rng = np.random.default_rng(seed)
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_inspect import records  # noqa: E402
 from edge_inspect.config.mqtt import MqttConfig, SpoolConfig  # noqa: E402
-from edge_inspect.publish import ResultPublisher  # noqa: E402
+from edge_inspect.mqtt.publisher import ResultPublisher  # noqa: E402
 
 
 def synthetic_inspection(index: int, id_prefix: str, station: str) -> records.Inspection:

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspect.backbone import BN_EPS, block_strides, fold_batchnorm, lite0_blocks, same_pads
+from edge_inspect.scorer.backbone import BN_EPS, block_strides, fold_batchnorm, lite0_blocks, same_pads
 
 # ImageNet classes of two scikit-image photos: 285 "Egyptian cat", 967 "espresso".
 PHOTOS = (("chelsea", 285), ("coffee", 967))
@@ -88,9 +88,9 @@ def test_onnx_classifier_recognises_photos(classifier_session, name, expected):
 def test_backbone_artifact_is_the_classifier_of_the_folded_weights(backbone_onnx):
     import onnx
 
-    from edge_inspect.backbone import folded_layers
+    from edge_inspect.scorer.backbone import folded_layers
     from edge_inspect.export.weights import load_state_dict_numpy
-    from edge_inspect.graph import folded_from_model
+    from edge_inspect.scorer.scorer_graph import folded_from_model
 
     pytest.importorskip("torch")
     model = onnx.load(str(backbone_onnx))

@@ -11,7 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_inspect.broker import ensure_broker, port_open
+from edge_inspect.ops.demo_broker import ensure_broker, port_open
 from edge_inspect.errors import UserError
 
 

@@ -17,8 +17,8 @@ import onnx
 import pytest
 
 from edge_inspect import cli
-from edge_inspect.calibrate import BACKBONE_FILE
-from edge_inspect.scoring import load_product
+from edge_inspect.scorer.calibrate import BACKBONE_FILE
+from edge_inspect.scorer.product import load_product
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--size", "64", "--bank-size", "64"]
@@ -32,7 +32,7 @@ def _sha256(path: Path) -> str:
 def bricks() -> list[np.ndarray]:
     """Ten generated good bricks, 96 px."""
     pytest.importorskip("skimage")
-    from edge_inspect.synth import CATEGORIES, load_photo, render_good
+    from edge_inspect.scorer.synth import CATEGORIES, load_photo, render_good
 
     photo, spec = load_photo("brick"), CATEGORIES["brick"]
     return [render_good(photo, spec, np.random.default_rng(seed), 96) for seed in range(10)]

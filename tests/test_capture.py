@@ -15,25 +15,14 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspect.capture import (
-    Capture,
-    CaptureState,
-    EndOfStream,
-    Grabbed,
-    LatestFrame,
-    ReplaySource,
-    SourceError,
-    UrlSource,
-    camera_view,
-    create_source,
-    redact_url,
-    view_to_frame_box,
-)
+from edge_inspect.capture.geometry import camera_view, view_to_frame_box
+from edge_inspect.capture.reader import Capture, CaptureState, Grabbed, LatestFrame
+from edge_inspect.capture.sources import EndOfStream, ReplaySource, SourceError, UrlSource, create_source, redact_url
 from edge_inspect.config.capture import ReconnectConfig, ReplaySourceConfig, TriggerConfig, UrlSourceConfig
 from edge_inspect.errors import UserError
-from edge_inspect.sdnotify import Notifier
-from edge_inspect.stats import CameraStats, LatencyWindow, RateMeter
-from edge_inspect.triggers import EveryFrameTrigger, FreeRunTrigger, MqttTrigger, create_trigger
+from edge_inspect.daemon.sdnotify import Notifier
+from edge_inspect.daemon.runtime_stats import CameraStats, LatencyWindow, RateMeter
+from edge_inspect.capture.triggers import EveryFrameTrigger, FreeRunTrigger, MqttTrigger, create_trigger
 
 
 def numbered_frame(value: int, shape=(48, 64)) -> np.ndarray:
@@ -510,7 +499,7 @@ def test_url_password_comes_from_the_environment(monkeypatch):
         source.check()
     monkeypatch.setenv("EI_TEST_CAMERA_PASSWORD", "s3cret")
     source.check()
-    from edge_inspect.capture import expand_env
+    from edge_inspect.capture.sources import expand_env
 
     assert expand_env(config.url) == "rtsp://admin:s3cret@10.0.0.5/s1"
     assert "s3cret" not in source.describe()

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from edge_inspect import cli
-from edge_inspect.payloads import load_schema
+from edge_inspect.mqtt.payloads import load_schema
 from mqtt_broker import MessageCollector, MosquittoBroker, free_port, mosquitto_binary
 
 from test_capture import MjpegCamera
@@ -58,9 +58,9 @@ def product(tmp_path_factory, pytestconfig):
     (one result per frame, verdicts, reloads), so every frame must be clearly OK or clearly NG. Held-out
     good parts at 4 shots and 128 px sit close to the threshold; the scorer's own tests and
     `edge-inspect evaluate` measure that."""
-    from edge_inspect.calibrate import BACKBONE_FILE, ensure_backbone
+    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
-    from edge_inspect.synth import generate_dataset
+    from edge_inspect.scorer.synth import generate_dataset
 
     cache_plugin = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
     cache = Path(cache_plugin.mkdir("edge-inspect-backbone")) if cache_plugin else tmp_path_factory.mktemp("backbone")
@@ -405,8 +405,8 @@ def test_flagged_frames_reach_the_sink_without_ever_blocking_the_scorer(tmp_path
     never holds up results, a full queue means vlm_status skipped, every pending result gets exactly
     one update, also when the daemon stops while the sink is busy."""
     from edge_inspect.config import load_config
-    from edge_inspect.daemon import Daemon as InProcessDaemon
-    from edge_inspect.payloads import vlm_update
+    from edge_inspect.daemon.daemon import Daemon as InProcessDaemon
+    from edge_inspect.mqtt.payloads import vlm_update
     from edge_inspect.records import Verdict
 
     write_frames(tmp_path / "frames", product, 4, defect_every=1)  # every frame is flagged

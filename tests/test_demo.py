@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from edge_inspect import cli
-from edge_inspect.demo import MARKER, region_on_defect
+from edge_inspect.ops.demo import MARKER, region_on_defect
 from mqtt_broker import free_port
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\S+) / (\S+)\s+(OK|NG)\s*(.*)$")
@@ -27,7 +27,7 @@ ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\S+) / (\S+)\s+(OK|NG)\s*(.*)$")
 @pytest.fixture(scope="module")
 def engines(pytestconfig, tmp_path_factory) -> Path:
     """The backbone ONNX, exported once and cached like tests/test_daemon.py does."""
-    from edge_inspect.calibrate import ensure_backbone
+    from edge_inspect.scorer.calibrate import ensure_backbone
     from edge_inspect.errors import UserError
 
     cache_plugin = getattr(pytestconfig, "cache", None)

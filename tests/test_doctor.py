@@ -15,7 +15,7 @@ import yaml
 from skimage import data as skdata
 
 from edge_inspect import cli
-from edge_inspect.doctor import CheckResult, DoctorContext, exit_code, format_table, read_gguf_header, run_checks
+from edge_inspect.ops.doctor import CheckResult, DoctorContext, exit_code, format_table, read_gguf_header, run_checks
 
 
 def _free_port() -> int:
@@ -35,7 +35,7 @@ def frames(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, pytestconfig) -> dict[str, Path]:
     """Product `cup` calibrated with `edge-inspect calibrate` from four real photos of the same cup."""
-    from edge_inspect.calibrate import BACKBONE_FILE, ensure_backbone
+    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
 
     cache_plugin = getattr(pytestconfig, "cache", None)
@@ -96,7 +96,7 @@ def _doctor(config: Path, capsys) -> tuple[int, dict[str, dict]]:
 @pytest.fixture
 def broker():
     pytest.importorskip("amqtt")
-    from edge_inspect.broker import ensure_broker
+    from edge_inspect.ops.demo_broker import ensure_broker
 
     port = _free_port()
     handle = ensure_broker("127.0.0.1", port, kind="amqtt")

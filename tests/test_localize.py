@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_inspect.localize import REGION_LEVEL, find_regions, grid_words_for, heatmap, overlay, scale_regions
+from edge_inspect.capture.geometry import scale_regions
+from edge_inspect.localize import REGION_LEVEL, find_regions, grid_words_for, heatmap, overlay
 from edge_inspect.records import GRID_WORDS, Region
 
 SIZE = 90  # divisible by 3: cell (r, c) spans rows 30r..30r+29 and columns 30c..30c+29

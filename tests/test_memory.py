@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_inspect.memory import features_to_patches, greedy_coreset, nearest_distances, random_projection
+from edge_inspect.scorer.memory_bank import features_to_patches, greedy_coreset, nearest_distances, random_projection
 
 
 def _clustered(n_clusters: int, per_cluster: int, dim: int, seed: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_inspect.metrics import auroc, best_f1, binary_counts, f1_score
+from edge_inspect.offline.metrics import auroc, best_f1, binary_counts, f1_score
 
 
 def _pairwise_auroc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""MVTec-layout reading (edge_inspect.mvtec) and the tools/make_dataset.py converters."""
+"""MVTec-layout reading (edge_inspect.offline.mvtec) and the tools/make_dataset.py converters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspect import mvtec
+from edge_inspect.offline import mvtec
 from edge_inspect.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_load_dataset_indexes_train_and_test(tmp_path):
 def test_missing_mask_warns_or_fails_on_request(tmp_path, caplog):
     root = _tiny_mvtec(tmp_path / "part")
     _img(root / "test/hole/007.png")
-    with caplog.at_level(logging.WARNING, logger="edge_inspect.mvtec"):
+    with caplog.at_level(logging.WARNING, logger="edge_inspect.offline.mvtec"):
         dataset = mvtec.load_dataset(root)
     assert "have no mask" in caplog.text and "007_mask.png" in caplog.text
     hole = [t for t in dataset.test if t.defect_type == "hole"][0]

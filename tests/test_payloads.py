@@ -12,7 +12,7 @@ import pytest
 from edge_inspect import records
 from edge_inspect.config.mqtt import MqttConfig, SpoolConfig
 from edge_inspect.errors import ConfigError
-from edge_inspect.payloads import (
+from edge_inspect.mqtt.payloads import (
     SCHEMA_NAMES,
     Topics,
     check_station,
@@ -27,7 +27,7 @@ from edge_inspect.payloads import (
     update_payload,
     vlm_update,
 )
-from edge_inspect.publish import ResultPublisher
+from edge_inspect.mqtt.publisher import ResultPublisher
 
 
 def validator(name: str) -> jsonschema.Draft202012Validator:

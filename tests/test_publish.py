@@ -19,11 +19,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_inspect import records
-from edge_inspect.commands.listen import StreamCheck
+from edge_inspect.mqtt.listen import StreamCheck
 from edge_inspect.config.mqtt import MqttConfig, SpoolConfig
 from edge_inspect.errors import ConfigError
-from edge_inspect.payloads import Topics, load_schema, vlm_update
-from edge_inspect.publish import ResultPublisher
+from edge_inspect.mqtt.payloads import Topics, load_schema, vlm_update
+from edge_inspect.mqtt.publisher import ResultPublisher
 from mqtt_broker import MessageCollector, make_password_file, make_tls_files
 from publisher_harness import synthetic_inspection
 
@@ -268,7 +268,7 @@ def test_wrong_password_is_reported_retried_and_the_right_one_connects(mosquitto
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.setenv("EI_TEST_PW", "wrong-password")
     config = mqtt_config(broker.port, username="line3", password_env="EI_TEST_PW")
-    caplog.set_level(logging.INFO, logger="edge_inspect.publish")
+    caplog.set_level(logging.INFO, logger="edge_inspect.mqtt.publisher")
     publisher = ResultPublisher(config, spool_config(tmp_path), STATION)
     publisher.start()
     publisher.publish_result(synthetic_inspection(0, "auth", STATION))
@@ -301,7 +301,7 @@ def test_tls_verification_client_certificates_and_their_failures(mosquitto_facto
         pytest.skip("openssl binary not found (needed to make the test certificates)")
     files = make_tls_files(tmp_path / "tls")
     broker = mosquitto_factory(tls=BrokerTls(files["ca"], files["server_cert"], files["server_key"], require_certificate=True))
-    caplog.set_level(logging.INFO, logger="edge_inspect.publish")
+    caplog.set_level(logging.INFO, logger="edge_inspect.mqtt.publisher")
 
     def attempt(name: str, **tls) -> dict:
         publisher = ResultPublisher(mqtt_config(broker.port, host="localhost", tls={"enabled": True, **tls}),
@@ -359,7 +359,7 @@ def test_malformed_commands_are_logged_counted_and_ignored(mosquitto_broker, tmp
             raise RuntimeError("handler bug")
         products.append(name)
 
-    caplog.set_level(logging.INFO, logger="edge_inspect.publish")
+    caplog.set_level(logging.INFO, logger="edge_inspect.mqtt.publisher")
     publisher = ResultPublisher(mqtt_config(mosquitto_broker.port), spool_config(tmp_path), STATION,
                                 on_trigger=triggers.append, on_product_set=on_product_set)
     publisher.start()
@@ -413,7 +413,7 @@ def test_describe_connect_error_names_the_cause_and_the_key_to_fix():
     """Public for `doctor`: a real refused connection in words."""
     import socket
 
-    from edge_inspect.publish import describe_connect_error
+    from edge_inspect.mqtt.client import describe_connect_error
     from mqtt_broker import free_port
 
     port = free_port()

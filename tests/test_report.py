@@ -20,10 +20,11 @@ from skimage import data as skdata
 
 from edge_inspect.config.evidence import EvidenceConfig
 from edge_inspect.evidence import EvidenceStore
-from edge_inspect.localize import find_regions, overlay, scale_regions
-from edge_inspect.payloads import result_payload, stats_payload, update_payload, vlm_update
+from edge_inspect.capture.geometry import scale_regions
+from edge_inspect.localize import find_regions, overlay
+from edge_inspect.mqtt.payloads import result_payload, stats_payload, update_payload, vlm_update
 from edge_inspect.records import Inspection, Verdict
-from edge_inspect.report import (
+from edge_inspect.ops.report import (
     latency_histogram_png,
     load_run,
     nice_ticks,
@@ -46,7 +47,7 @@ def _defect_map(good: np.ndarray, frame: np.ndarray) -> np.ndarray:
 
 def make_run(folder: Path, frames: int = 48, with_evidence: bool = True, seed: int = 3) -> tuple[Path, Path, list[str]]:
     """A recorded run on a real photo: drawn scratches and spots are the defects, every result and
-    update payload built by edge_inspect.payloads, evidence written by EvidenceStore.
+    update payload built by edge_inspect.mqtt.payloads, evidence written by EvidenceStore.
 
     Returns (evidence folder, results JSONL, inspection ids of the NG frames)."""
     rng = np.random.default_rng(seed)

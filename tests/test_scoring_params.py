@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_inspect.backbone import tap_channels, tap_stride
-from edge_inspect.scoring_params import ScorerParams, feature_dim, output_dim, parse_tap, projection_matrix
+from edge_inspect.scorer.backbone import tap_channels, tap_stride
+from edge_inspect.scorer.params import ScorerParams, feature_dim, output_dim, parse_tap, projection_matrix
 
 
 def test_taps_name_block_outputs_and_expansions():

@@ -11,7 +11,7 @@ import pytest
 
 from edge_inspect.config.mqtt import SpoolConfig
 from edge_inspect.errors import UserError
-from edge_inspect.spool import PRIORITY_NG, PRIORITY_OK, PRIORITY_UPDATE, Spool, SpoolWriteError
+from edge_inspect.mqtt.spool import PRIORITY_NG, PRIORITY_OK, PRIORITY_UPDATE, Spool, SpoolWriteError
 
 
 def _payload(seq: int, size: int = 64) -> bytes:
@@ -84,7 +84,7 @@ def test_committed_rows_survive_sigkill(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from edge_inspect.config.mqtt import SpoolConfig
-        from edge_inspect.spool import Spool
+        from edge_inspect.mqtt.spool import Spool
         spool = Spool(SpoolConfig(path={str(path)!r}))
         for i in range(50):
             spool.append("result", "t", 0, lambda seq: b'{{"seq": %d}}' % seq, origin="killed")

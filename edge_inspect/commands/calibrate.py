@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..calibrate import calibrate_product
+    from ..scorer.calibrate import calibrate_product
     from ..errors import UserError
     from ..imageio import list_images
     from ._common import calibration_options, show_progress

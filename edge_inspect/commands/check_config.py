@@ -20,12 +20,12 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from ..capture import create_source
+    from ..capture.sources import create_source
     from ..config import load_config
 
     config = load_config(args.file)
     if args.products:
-        from ..scoring import load_product
+        from ..scorer.product import load_product
 
         for camera in config.cameras:
             create_source(camera.source, camera.reconnect).check()

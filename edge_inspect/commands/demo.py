@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..demo import (DEFAULT_CATEGORY, DEFAULT_FPS, DEFAULT_FRAMES, SHORT_FPS, SHORT_FRAMES, DemoSettings,
+    from ..ops.demo import (DEFAULT_CATEGORY, DEFAULT_FPS, DEFAULT_FRAMES, SHORT_FPS, SHORT_FRAMES, DemoSettings,
                         run_demo)
 
     settings = DemoSettings(

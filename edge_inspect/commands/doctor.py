@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from ..doctor import exit_code, format_table, run_checks, to_json, use_colour
+    from ..ops.doctor import exit_code, format_table, run_checks, to_json, use_colour
     from ..errors import UserError
 
     if not 0 < args.timeout <= 600:

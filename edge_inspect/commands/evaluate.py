@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import UserError
-    from ..evaluate import evaluate_shot_sets
+    from ..offline.evaluate import evaluate_shot_sets
     from ._common import calibration_options, show_progress
 
     if args.shots < 1:

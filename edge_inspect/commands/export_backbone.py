@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..calibrate import backbone_path
+    from ..scorer.calibrate import backbone_path
     from ..export.backbone_export import export_backbone
 
     path = backbone_path(args.engines_dir)

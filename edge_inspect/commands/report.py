@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import UserError
-    from ..report import load_run, parse_since, summarize, write_report
+    from ..ops.report import load_run, parse_since, summarize, write_report
 
     if args.max_images < 0 or args.max_rows < 1:
         raise UserError("--max-images must be >= 0 and --max-rows >= 1")

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..config import load_config
-    from ..daemon import Daemon
+    from ..daemon.daemon import Daemon
 
     config = load_config(args.config)
     return Daemon(config, config_path=args.config).run()

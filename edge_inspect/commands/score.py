@@ -27,8 +27,9 @@ def run(args) -> int:
 
     from ..errors import UserError
     from ..imageio import list_images, read_bgr
-    from ..localize import find_regions, overlay, scale_regions
-    from ..scoring import Scorer, load_product
+    from ..capture.geometry import scale_regions
+    from ..localize import find_regions, overlay
+    from ..scorer.product import Scorer, load_product
 
     paths: list[Path] = []
     for item in args.images:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..backbone import folded_layers
-from ..graph import build_classifier_model, save_model
+from ..scorer.backbone import folded_layers
+from ..scorer.scorer_graph import build_classifier_model, save_model
 from .weights import load_state_dict_numpy, pretrained_weights_path
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbone import BN_EPS, INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads
-from ..scoring_params import ScorerParams, gaussian_kernel_1d, parse_tap, projection_matrix
+from ..scorer.backbone import BN_EPS, INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads
+from ..scorer.params import ScorerParams, gaussian_kernel_1d, parse_tap, projection_matrix
 
 
 class SameConv(nn.Conv2d):

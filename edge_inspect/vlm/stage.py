@@ -131,7 +131,7 @@ def build_update(
 ) -> dict[str, Any]:
     """The `update` for publisher.publish_update (payloads.vlm_update's keys, plus the decision when
     the VLM may change the verdict)."""
-    from ..payloads import vlm_update
+    from ..mqtt.payloads import vlm_update
 
     update = vlm_update(status, verdict, error)
     if decision is not None:
@@ -426,7 +426,7 @@ class VlmStage:
 
     def _reference_index(self, name: str, product: Any | None) -> tuple[Any | None, str]:
         try:
-            from ..scoring import ReferenceIndex, load_product
+            from ..scorer.product import ReferenceIndex, load_product
 
             if product is None:
                 product = load_product(self.calibration_dir, name)

@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .backbone import tap_channels
-from .errors import CalibrationError, UserError
-from .imageio import crop_roi, read_bgr, to_input
-from .memory import features_to_patches, greedy_coreset, nearest_distances
-from .scoring_params import ScorerParams, gaussian_kernel_1d, projection_matrix
+from ..errors import CalibrationError, UserError
+from ..imageio import crop_roi, read_bgr, to_input
+from .memory_bank import features_to_patches, greedy_coreset, nearest_distances
+from .params import ScorerParams, gaussian_kernel_1d, projection_matrix
 from .threshold import DEFAULT_SENSITIVITY, automatic_threshold
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def ensure_backbone(engines_dir: str | Path) -> Path:
     if path.is_file():
         return path
     try:
-        from .export.backbone_export import export_backbone
+        from ..export.backbone_export import export_backbone
     except ImportError as exc:
         raise UserError(
             f"{path} is missing and PyTorch is not installed to export it: run `edge-inspect export-backbone` on a "
@@ -122,7 +122,7 @@ def ensure_backbone(engines_dir: str | Path) -> Path:
 def load_folded(engines_dir: str | Path) -> tuple[dict[str, np.ndarray], str]:
     import onnx
 
-    from .graph import folded_from_model
+    from .scorer_graph import folded_from_model
 
     path = ensure_backbone(engines_dir)
     data = path.read_bytes()
@@ -135,7 +135,7 @@ class FeatureExtractor:
     def __init__(self, folded: dict[str, np.ndarray], params: ScorerParams, threads: int = 0) -> None:
         import onnxruntime as ort
 
-        from .graph import build_features_model
+        from .scorer_graph import build_features_model
 
         self.params = params
         self.model = build_features_model(folded, params)
@@ -237,8 +237,8 @@ def calibrate_product(
     on_step: Callable[[str], None] | None = None,
 ):
     """Calibrate `product` from good images; returns the loaded scoring.ProductCalibration."""
-    from .graph import build_scorer_model, save_model
-    from .scoring import load_product
+    from .scorer_graph import build_scorer_model, save_model
+    from .product import load_product
 
     options = options or CalibrationOptions()
     params = options.params
@@ -333,7 +333,7 @@ def calibrate_product(
     engines = Path(engines_dir)
     model = build_scorer_model(folded, params, bank, metadata={"product": product, "bank_sha256": bank_sha, "threshold": repr(threshold)})
     save_model(model, engines / engine_name)
-    from .trt_support import check_tensorrt_compat
+    from .backends.trt_compat import check_tensorrt_compat
 
     for problem in check_tensorrt_compat(model):  # the same file must compile on a Jetson later
         log.warning("scorer graph may not compile with TensorRT 10: %s", problem)

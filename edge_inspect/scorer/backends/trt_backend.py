@@ -2,7 +2,7 @@
 
 The plan is built from exactly the ONNX graph ONNX Runtime runs elsewhere, on the device that runs
 it, and cached in engines/ under a key of graph hash, input shape, precision, GPU and TensorRT
-version (edge_inspect/engines.py). Frames run through buffers allocated once: page-locked host
+version (edge_inspect/scorer/backends/trt_plan_cache.py). Frames run through buffers allocated once: page-locked host
 arrays, device buffers bound to the execution context by address, one CUDA stream.
 
     copy in (async)  ->  execute_async_v3  ->  copy out (async)  ->  synchronize
@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .. import engines
-from ..errors import UserError
+from . import trt_plan_cache as plan_cache
+from ...errors import UserError
 from . import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,11 @@ class CudaDevice:
             finally:
                 self._cuda.Context.pop()  # static in pycuda: pops whatever this thread pushed last
 
-    def facts(self) -> engines.DeviceFacts:
+    def facts(self) -> plan_cache.DeviceFacts:
         import tensorrt as trt
 
         major, minor = self.device.compute_capability()
-        return engines.DeviceFacts(gpu_name=self.device.name(), compute_capability=f"{major}.{minor}", tensorrt_version=str(trt.__version__))
+        return plan_cache.DeviceFacts(gpu_name=self.device.name(), compute_capability=f"{major}.{minor}", tensorrt_version=str(trt.__version__))
 
     def release(self) -> None:
         with self._lock:
@@ -241,7 +241,7 @@ def _attach_timing_cache(trt, config, path: Path):
 def _save_timing_cache(config, path: Path) -> None:
     cache = config.get_timing_cache()
     if cache is not None:
-        engines._atomic_write(path, memoryview(cache.serialize()).tobytes())
+        plan_cache._atomic_write(path, memoryview(cache.serialize()).tobytes())
 
 
 def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[np.ndarray], cache_path: Path):
@@ -280,7 +280,7 @@ def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[n
             return cache_path.read_bytes()
 
         def write_calibration_cache(self, cache) -> None:
-            engines._atomic_write(cache_path, memoryview(cache).tobytes())
+            plan_cache._atomic_write(cache_path, memoryview(cache).tobytes())
 
         def free(self) -> None:
             self._device.free()
@@ -290,7 +290,7 @@ def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[n
 
 
 def build_plan(
-    key: engines.PlanKey,
+    key: plan_cache.PlanKey,
     onnx_path: str | Path,
     *,
     device: CudaDevice,
@@ -309,7 +309,7 @@ def build_plan(
     onnx_path = Path(onnx_path)
     started = time.monotonic()
     images = [_as_input(img, key.input_shape) for img in (calibration_images or [])]
-    calibration_cache = engines.calibration_cache_path(engines_dir, key)
+    calibration_cache = plan_cache.calibration_cache_path(engines_dir, key)
     if key.precision == "int8" and not images and not calibration_cache.is_file():
         raise UserError(
             f"an INT8 plan for {key.product!r} needs calibration images and there is no calibration cache "
@@ -340,7 +340,7 @@ def build_plan(
             config.int8_calibrator = calibrator  # deprecated in 10.1, present in 10.x
             source = f"{len(images)} good images" if images else f"cached scales {calibration_cache.name}"
             report(f"INT8 calibration from {source}")
-        timing_path = engines.timing_cache_path(engines_dir, device.facts())
+        timing_path = plan_cache.timing_cache_path(engines_dir, device.facts())
         timing_cache = _attach_timing_cache(trt, config, timing_path)  # noqa: F841 - must outlive the build
         if hasattr(trt, "IProgressMonitor"):
             config.progress_monitor = _progress_monitor(trt, report)
@@ -377,7 +377,7 @@ def good_images(product) -> list[np.ndarray]:
     """The product's good reference images (stored ROI-cropped by calibrate) as graph inputs."""
     import json
 
-    from ..imageio import read_bgr, to_input
+    from ...imageio import read_bgr, to_input
 
     ref_dir = Path(product.directory) / "references"
     try:
@@ -429,21 +429,21 @@ class TensorRTBackend(ScorerBackend):
         try:
             self._gpu = CudaDevice(device)
             self.facts = self._gpu.facts()
-            key = engines.plan_key(onnx_path, str(product_name), precision, self.facts)
+            key = plan_cache.plan_key(onnx_path, str(product_name), precision, self.facts)
 
-            def build(k: engines.PlanKey) -> tuple[bytes, dict[str, Any]]:
+            def build(k: plan_cache.PlanKey) -> tuple[bytes, dict[str, Any]]:
                 images = calibration_images
                 if k.precision == "int8" and images is None and product is not None and hasattr(product, "directory"):
                     images = good_images(product)
                 return build_plan(k, onnx_path, device=self._gpu, engines_dir=plan_dir, workspace_mib=workspace_mib, calibration_images=images, progress=progress)
 
-            self.plan_path = engines.find_or_build_plan(key, plan_dir, allow_build=allow_build, build=build, force=force_build)
+            self.plan_path = plan_cache.find_or_build_plan(key, plan_dir, allow_build=allow_build, build=build, force=force_build)
             self._load(key)
         except BaseException:
             self.close()
             raise
 
-    def _load(self, key: engines.PlanKey) -> None:
+    def _load(self, key: plan_cache.PlanKey) -> None:
         import tensorrt as trt
 
         with self._gpu.active() as cuda:

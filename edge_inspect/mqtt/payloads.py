@@ -1,7 +1,7 @@
 """The MQTT topic layout and every payload edge-inspect publishes or accepts (docs/mqtt.md).
 
 Published payloads are versioned JSON objects described by the JSON Schemas in
-`edge_inspect/schemas/` (`load_schema("result")`); the tests validate every message against them.
+`edge_inspect/mqtt/schemas/` (`load_schema("result")`); the tests validate every message against them.
 Incoming commands (trigger, product/set) are parsed strictly: anything malformed raises ValueError
 with a reason, which the publisher logs and counts.
 
@@ -24,8 +24,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping
 
-from . import records
-from .config.capture import NAME_PATTERN
+from .. import records
+from ..config.capture import NAME_PATTERN
 
 # Major changes break subscribers (a field renamed or removed); minor ones only add optional fields.
 SCHEMA_VERSION = "1.1"  # 1.1: optional final_verdict / decided_by in result updates

@@ -36,7 +36,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 STATION = "demo"
 CAMERA = "cam0"
@@ -107,7 +107,7 @@ def link_backbone(shared_engines: Path, engines: Path) -> tuple[Path, bool]:
 
     Returns (path in `engines`, whether it had to be exported now).
     """
-    from .calibrate import backbone_path, ensure_backbone
+    from ..scorer.calibrate import backbone_path, ensure_backbone
 
     shared_engines = shared_engines.expanduser().resolve()
     exported = not backbone_path(shared_engines).is_file()
@@ -136,7 +136,7 @@ def ensure_dataset(root: Path, category: str, frames: int, seed: int) -> tuple[P
 
     Returns (the category folder, whether it was cached).
     """
-    from .synth import DEFECT_KINDS, generate_dataset
+    from ..scorer.synth import DEFECT_KINDS, generate_dataset
 
     good, per_kind = dataset_needs(frames, DEFECT_KINDS)
     folder = root / category
@@ -162,7 +162,7 @@ def ensure_dataset(root: Path, category: str, frames: int, seed: int) -> tuple[P
 def plan_frames(dataset: Path, count: int, seed: int) -> list[tuple[str, Path, Path | None]]:
     """Which test images the line shows, in order: (kind, image, mask). Half of them (rounded down)
     defective, the kinds taking turns, shuffled by `seed`."""
-    from .synth import DEFECT_KINDS
+    from ..scorer.synth import DEFECT_KINDS
 
     good, _ = dataset_needs(count, DEFECT_KINDS)
     chosen: list[tuple[str, Path, Path | None]] = [
@@ -197,8 +197,8 @@ def write_replay(plan: list[tuple[str, Path, Path | None]], folder: Path) -> lis
 def calibrate_demo(dataset: Path, product: str, calibration_dir: Path, engines: Path, seed: int):
     """Calibrate `product` from the dataset's good training images (replacing an earlier one);
     remove the graphs of earlier demo calibrations of it from `engines`."""
-    from .calibrate import CalibrationOptions, calibrate_product
-    from .scoring_params import ScorerParams
+    from ..scorer.calibrate import CalibrationOptions, calibrate_product
+    from ..scorer.params import ScorerParams
 
     images = sorted((dataset / "train" / "good").glob("*.png"))
     options = CalibrationOptions(params=ScorerParams(input_size=(INPUT_SIZE, INPUT_SIZE)), seed=seed)
@@ -212,7 +212,7 @@ def calibrate_demo(dataset: Path, product: str, calibration_dir: Path, engines: 
 
 def demo_config(settings: DemoSettings, workdir: Path, product: str, protocol: str) -> dict[str, Any]:
     """The daemon config of the demo, validated against the real schema."""
-    from .config import AppConfig, parse_config
+    from ..config import AppConfig, parse_config
 
     config: dict[str, Any] = {
         "station": STATION,
@@ -437,7 +437,7 @@ class ResultStream:
     """The demo's subscriber (paho 2, callback API 2): results, updates and stats of one station."""
 
     def __init__(self, host: str, port: int, protocol: str, prefix: str = TOPIC_PREFIX, station: str = STATION):
-        from .payloads import Topics
+        from ..mqtt.payloads import Topics
 
         self.host, self.port, self.protocol = host, port, protocol
         self.topics = Topics(prefix, station)
@@ -448,12 +448,7 @@ class ResultStream:
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect and subscribe; UserError when the broker refuses or does not answer in time."""
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        v5 = self.protocol == "5"
-        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-                             clean_session=None if v5 else True)
+        client = new_client(self.protocol)
         topics = [(self.topics.result, 1), (self.topics.result_update, 1), (self.topics.stats, 0)]
 
         def on_connect(client, userdata, flags, reason_code, properties):
@@ -498,7 +493,7 @@ class ResultStream:
 
 def check_broker_choice(settings: DemoSettings) -> None:
     """UserError now, rather than after calibration, when the demo could not get a broker as asked."""
-    from .broker import port_open
+    from .demo_broker import port_open
 
     if port_open(settings.host, settings.port):
         if settings.broker != "auto":
@@ -524,11 +519,8 @@ def check_broker_choice(settings: DemoSettings) -> None:
 
 def broker_protocol(host: str, port: int, timeout: float = 5.0) -> str:
     """The MQTT version a running broker speaks: "5", or "3.1.1" when it refuses MQTT 5 (amqtt)."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
     answer: queue.Queue = queue.Queue()
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client = new_client("5")
     client.on_connect = lambda c, u, f, reason_code, p: answer.put(reason_code)
     try:
         client.connect(host, port, keepalive=10)
@@ -601,9 +593,9 @@ class _Stream:
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> int:
     """Run the demo end to end; returns the exit code (0: every frame's result arrived)."""
-    from .broker import ensure_broker, port_open
+    from .demo_broker import ensure_broker, port_open
     from .report import load_run, parse_time, write_report
-    from .synth import CATEGORIES
+    from ..scorer.synth import CATEGORIES
 
     console = console or Console(settings.json)
     if settings.category not in CATEGORIES:

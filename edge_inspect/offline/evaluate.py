@@ -15,11 +15,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .calibrate import CalibrationOptions, calibrate_product
-from .errors import UserError
-from .imageio import read_bgr
+from ..scorer.calibrate import CalibrationOptions, calibrate_product
+from ..errors import UserError
+from ..imageio import read_bgr
 from .metrics import auroc, best_f1, binary_counts, f1_score
-from .scoring import Scorer
+from ..scorer.product import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def evaluate_dataset(
         engines = Path(tmp) / "engines"
         engines.mkdir()
         shared_backbone = Path(engines_dir) / "backbone"
-        from .calibrate import ensure_backbone
+        from ..scorer.calibrate import ensure_backbone
 
         ensure_backbone(engines_dir)
         (engines / "backbone").symlink_to(shared_backbone.resolve(), target_is_directory=True)

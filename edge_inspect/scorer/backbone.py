@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 as plain data: the block layout, TF "SAME" padding and BatchNorm folding.
 
-Shared by the ONNX graph builder (edge_inspect/graph.py) and the PyTorch eager reference
+Shared by the ONNX graph builder (edge_inspect/scorer/scorer_graph.py) and the PyTorch eager reference
 (edge_inspect/export/reference.py), so both describe the same network.
 
 Lite models (Google's efficientnet-lite) differ from EfficientNet-B0: ReLU6 instead of swish, no
@@ -99,10 +99,19 @@ def folded_layers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def tap_channels(tap: str) -> int:
-    """Channels of a feature tap ("blockN" / "expandN", see scoring_params.parse_tap)."""
-    from .scoring_params import parse_tap
+TAP_KINDS = ("block", "expand")
 
+
+def parse_tap(tap: str) -> tuple[str, int]:
+    """("block" | "expand", block index) from "block4" / "expand8"."""
+    for kind in TAP_KINDS:
+        if tap.startswith(kind) and tap[len(kind):].isdigit():
+            return kind, int(tap[len(kind):])
+    raise ValueError(f"tap {tap!r}: write blockN (output of block N) or expandN (block N's expansion activations)")
+
+
+def tap_channels(tap: str) -> int:
+    """Channels of a feature tap ("blockN" / "expandN", see parse_tap)."""
     kind, index = parse_tap(tap)
     blocks = lite0_blocks()
     if not 0 <= index < len(blocks):
@@ -117,8 +126,6 @@ def tap_channels(tap: str) -> int:
 
 def tap_stride(tap: str) -> int:
     """Total stride of a tap: a block's expansion runs at the resolution of the block's input."""
-    from .scoring_params import parse_tap
-
     kind, index = parse_tap(tap)
     tap_channels(tap)  # validates the index
     strides = block_strides()

@@ -79,8 +79,8 @@ def skip(name: str, detail: str) -> CheckResult:
 
 def check_config(ctx: DoctorContext) -> Iterator[CheckResult]:
     """The config file parses and validates (everything else reads it)."""
-    from .config import load_config
-    from .errors import UserError
+    from ..config import load_config
+    from ..errors import UserError
 
     try:
         ctx.config = load_config(ctx.config_path)
@@ -103,8 +103,8 @@ def check_sources(ctx: DoctorContext) -> Iterator[CheckResult]:
 
 
 def _check_source(camera: Any, timeout_s: float) -> CheckResult:
-    from .capture import EndOfStream, SourceError, create_source
-    from .errors import UserError
+    from ..capture.sources import EndOfStream, SourceError, create_source
+    from ..errors import UserError
 
     name = f"source {camera.name}"
     kind = camera.source.type
@@ -171,11 +171,6 @@ def check_broker(ctx: DoctorContext) -> Iterator[CheckResult]:
 
 
 def _check_broker(mqtt_config: Any, station: str, timeout_s: float) -> CheckResult:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from .errors import UserError
-    from .publish import describe_connect_error, tls_context
 
     name = "broker"
     broker = f"{mqtt_config.host}:{mqtt_config.broker_port}"
@@ -187,16 +182,8 @@ def _check_broker(mqtt_config: Any, station: str, timeout_s: float) -> CheckResu
         context = tls_context(mqtt_config) if mqtt_config.tls.enabled else None
     except UserError as exc:
         return fail(name, str(exc), "fix mqtt.tls (paths are read as the daemon's user)")
-    v5 = mqtt_config.protocol == "5"
     client_id = f"{mqtt_config.resolved_client_id(station)}-doctor-{os.getpid()}"[:128]
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else True)
-    if mqtt_config.username:
-        client.username_pw_set(mqtt_config.username, password)
-    if context is not None:
-        client.tls_set_context(context)
-        if not mqtt_config.tls.verify:
-            client.tls_insecure_set(True)
+    client = make_client(mqtt_config, client_id, password=password, tls=context)
     answer: dict[str, Any] = {}
     done = threading.Event()
 
@@ -232,7 +219,7 @@ def _check_broker(mqtt_config: Any, station: str, timeout_s: float) -> CheckResu
             return fail(name, f"{broker} refused the connection: {reason} (CONNACK {code:#04x})", fix)
         elapsed = (time.monotonic() - started) * 1000
         how = ", ".join(filter(None, [
-            f"MQTT {'5' if v5 else '3.1.1'}", "TLS" if context is not None else "",
+            f"MQTT {mqtt_config.protocol}", "TLS" if context is not None else "",
             f"user {mqtt_config.username}" if mqtt_config.username else "anonymous",
         ]))
         detail = f"{broker} accepted the connection ({how}) in {elapsed:.0f} ms"
@@ -267,8 +254,8 @@ def check_calibrations(ctx: DoctorContext) -> Iterator[CheckResult]:
 
 
 def _check_calibration(product: str, scoring: Any) -> Iterator[Any]:
-    from .errors import UserError
-    from .scoring import load_product
+    from ..errors import UserError
+    from ..scorer.product import load_product
 
     name = f"calibration {product}"
     try:
@@ -290,7 +277,7 @@ def _check_engine(calibration: Any, scoring: Any) -> CheckResult:
     name = f"engine {calibration.name}"
     if scoring.backend in ("auto", "tensorrt"):
         try:
-            from .backends.trt_backend import tensorrt_available
+            from ..scorer.backends.trt_backend import tensorrt_available
 
             usable, reason = tensorrt_available()
         except ImportError as exc:
@@ -307,7 +294,7 @@ def _check_engine(calibration: Any, scoring: Any) -> CheckResult:
 def _check_onnxruntime(calibration: Any, scoring: Any, name: str) -> CheckResult:
     import numpy as np
 
-    from .backends import create_backend
+    from ..scorer.backends import create_backend
 
     started = time.monotonic()
     try:
@@ -336,17 +323,17 @@ def _check_onnxruntime(calibration: Any, scoring: Any, name: str) -> CheckResult
 
 
 def _check_tensorrt_plan(calibration: Any, scoring: Any, name: str) -> CheckResult:
-    from . import engines
-    from .backends.trt_backend import CudaDevice
+    from ..scorer.backends import trt_plan_cache as plan_cache
+    from ..scorer.backends.trt_backend import CudaDevice
 
     device = CudaDevice(0)
     try:
         facts = device.facts()
     finally:
         device.release()
-    key = engines.plan_key(calibration.scorer_onnx, calibration.name, scoring.precision, facts)
-    plan = engines.plan_path(scoring.engines_dir, key)
-    problem = engines.plan_problem(plan, key)
+    key = plan_cache.plan_key(calibration.scorer_onnx, calibration.name, scoring.precision, facts)
+    plan = plan_cache.plan_path(scoring.engines_dir, key)
+    problem = plan_cache.plan_problem(plan, key)
     where = f"{facts.gpu_name}, TensorRT {facts.tensorrt_version}, {scoring.precision}"
     if problem is None:
         return ok(name, f"TensorRT plan {plan.name} matches this device ({where})")

@@ -531,7 +531,7 @@ def load_photo(category: str) -> np.ndarray:
     try:
         from skimage import data as skdata  # only the dataset generator needs scikit-image
     except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError("generating datasets needs scikit-image: pip install 'edge-inspect[demo]'") from exc
     photo = np.asarray(getattr(skdata, CATEGORIES[category].photo)())
@@ -619,7 +619,7 @@ def generate_dataset(
     train/good/000.png, test/good/, test/<kind>/, ground_truth/<kind>/<stem>_mask.png. Existing
     train/, test/ and ground_truth/ folders there are replaced. Deterministic given `seed`.
     """
-    from .mvtec import prepare_output
+    from ..offline.mvtec import prepare_output
 
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")

@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .backbone import INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads, tap_channels, tap_stride
-from .scoring_params import ScorerParams, gaussian_kernel_1d, output_dim, parse_tap, projection_matrix
+from .params import ScorerParams, gaussian_kernel_1d, output_dim, parse_tap, projection_matrix
 
 OPSET = 17
 IR_VERSION = 8  # readable by onnxruntime >= 1.10 and TensorRT 10's parser

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ...errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config.mqtt import SpoolConfig
-from .errors import UserError
+from ..config.mqtt import SpoolConfig
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

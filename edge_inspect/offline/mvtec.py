@@ -30,7 +30,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 LATENCY_STAGE = "total"  # the stage the histogram shows; the table lists every stage
 THUMB_WIDTH = 560  # px of embedded frame and overlay images (displayed at up to half of that per image)
@@ -704,7 +704,7 @@ def render_report(
     now: float | None = None,
 ) -> str:
     """The report as one HTML string: no external resources, every image a data URI."""
-    from . import __version__
+    from .. import __version__
 
     rows = run.rows
     summary = summarize(rows)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

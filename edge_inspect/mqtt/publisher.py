@@ -21,25 +21,24 @@ Example:
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
 import sys
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import records
-from .config.mqtt import MqttConfig, SpoolConfig
-from .errors import ConfigError
+from .. import records
+from ..config.mqtt import MqttConfig, SpoolConfig
+from ..errors import ConfigError
+from .client import describe_connect_error, make_client, tls_context
+from .dispatch import CommandDispatcher, Route
 from .payloads import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
@@ -86,8 +85,6 @@ class ResultPublisher:
         self.topics = Topics(mqtt.topic_prefix, station)
         self.client_id = mqtt.resolved_client_id(station)
         self.broker = f"{mqtt.host}:{mqtt.broker_port}"
-        self._on_trigger = on_trigger
-        self._on_product_set = on_product_set
         self._tls_context = tls_context(mqtt) if mqtt.tls.enabled else None
         self._password, self._password_source = mqtt.resolve_password()
         self._spool = Spool(spool)
@@ -121,6 +118,10 @@ class ResultPublisher:
             ),
             0,
         )
+        self._commands = CommandDispatcher({
+            self.topics.trigger: Route("trigger", parse_trigger, on_trigger, "triggers", ignore_retained=True),
+            self.topics.product_set: Route("product/set", parse_product_set, on_product_set, "product_sets"),
+        }, self._counts)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -398,31 +399,20 @@ class ResultPublisher:
     # --- paho ---------------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        v5 = self.config.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else True,
-        )
+        if self.config.username and self._password is None:
+            log.warning(
+                "mqtt.username is set but no password was found (credential %r, env %s); connecting without one",
+                self.config.password_credential, self.config.password_env,
+            )
+        if self._tls_context is not None and not self.config.tls.verify:
+            log.warning("mqtt.tls.verify is false: the broker's certificate is not checked")
+        client = make_client(self.config, self.client_id, password=self._password, tls=self._tls_context)
         client.on_log = self._on_paho_log
         client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
         client.max_inflight_messages_set(self.config.max_inflight + 2)  # + status/stats
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
         client.will_set(self.topics.status, STATUS_OFFLINE, qos=1, retain=True)
-        if self.config.username:
-            if self._password is None:
-                log.warning(
-                    "mqtt.username is set but no password was found (credential %r, env %s); connecting without one",
-                    self.config.password_credential, self.config.password_env,
-                )
-            client.username_pw_set(self.config.username, self._password)
-        if self._tls_context is not None:
-            client.tls_set_context(self._tls_context)
-            if not self.config.tls.verify:
-                client.tls_insecure_set(True)
-                log.warning("mqtt.tls.verify is false: the broker's certificate is not checked")
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -455,7 +445,7 @@ class ResultPublisher:
         client.publish(self.topics.status, STATUS_ONLINE, qos=1, retain=True)
         if self._last_stats is not None:
             client.publish(self.topics.stats, self._last_stats, qos=0, retain=True)
-        client.subscribe([(self.topics.trigger, 1), (self.topics.product_set, 1)])
+        client.subscribe([(topic, 1) for topic in self._commands.topics])
         self._events.append(("connected", self._generation, window))
         self._wake.set()
 
@@ -508,33 +498,7 @@ class ResultPublisher:
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        topic = message.topic
-        if topic == self.topics.trigger:
-            if message.retain:
-                self._counts["retained_triggers_ignored"] += 1
-                log.warning("ignored a retained trigger on %s (clear it: mosquitto_pub -r -n -t '%s')", topic, topic)
-                return
-            self._dispatch("trigger", parse_trigger, self._on_trigger, message.payload, "triggers")
-        elif topic == self.topics.product_set:
-            self._dispatch("product/set", parse_product_set, self._on_product_set, message.payload, "product_sets")
-
-    def _dispatch(self, what: str, parse: Callable[[bytes], Any], handler: Callable[[Any], None] | None,
-                  payload: bytes, counter: str) -> None:
-        try:
-            command = parse(payload)
-        except ValueError as exc:
-            self._counts["malformed_commands"] += 1
-            log.warning("ignored malformed %s command: %s (payload %r)", what, exc, payload[:80])
-            return
-        self._counts[counter] += 1
-        if handler is None:
-            log.info("received %s %r but nothing handles it", what, command)
-            return
-        try:
-            handler(command)
-        except Exception:  # noqa: BLE001 - a handler bug must not take the MQTT session down
-            self._counts["command_errors"] += 1
-            log.exception("the %s handler failed on %r", what, command)
+        self._commands.dispatch(message.topic, message.payload, message.retain)
 
     def _record_error(self, message: str, level: int = logging.ERROR, failure: bool = True) -> None:
         """Remember a connection problem for state() and log it, once per change (or once a minute)."""
@@ -560,44 +524,3 @@ class _SenderState:
     acked: list[int] = field(default_factory=list)  # mids whose PUBACK arrived, rows not yet deleted
     cursor: int = 0  # highest row id handed to paho in this connection
     generation: int | None = None  # the connection being sent in; None = offline
-
-
-def tls_context(config: MqttConfig) -> ssl.SSLContext:
-    """Build the TLS context up front so a missing or broken file is a config error, not a retry loop."""
-    tls = config.tls
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(tls, key)
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"mqtt.tls.{key}: {value!r} does not exist or is not a file")
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-        if tls.cert_file and tls.key_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        raise ConfigError(f"mqtt.tls: cannot load the certificates ({exc}); check ca_file/cert_file/key_file are PEM") from None
-    if not tls.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def describe_connect_error(exc: BaseException | None, broker: str, config: MqttConfig) -> str:
-    """A failed connection attempt in words, with the config key to fix (the daemon's log and `doctor`).
-
-    Example: describe_connect_error(ConnectionRefusedError(), "localhost:1883", config.mqtt)
-    """
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"TLS certificate check of {broker} failed ({getattr(exc, 'verify_message', None) or exc}); set mqtt.tls.ca_file to the CA "
-                f"that signed the broker's certificate and make mqtt.host match a name in it")
-    if isinstance(exc, ssl.SSLError):
-        return (f"TLS handshake with {broker} failed ({exc.reason or exc}); check the port is the broker's TLS "
-                f"listener and mqtt.tls.cert_file/key_file if it requires a client certificate")
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection to {broker} refused; is the broker running and listening on that port?"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve mqtt.host {config.host!r} ({exc.strerror})"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return f"connecting to {broker} timed out; check mqtt.host/port and the network"
-    if exc is not None and config.tls.enabled and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
-        return f"{broker} closed the TLS connection ({exc}); it may require a client certificate (mqtt.tls.cert_file)"
-    return f"cannot connect to {broker} ({exc or 'unknown error'})"

@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .imageio import crop_roi, list_images, read_bgr, to_input
+from ..errors import UserError
+from ..imageio import crop_roi, list_images, read_bgr, to_input
 
 MIN_FRAME_SIZE = 128  # generated frames are at least this big: smaller ones leave no room for a defect
 REFERENCE_EXTRA = "PyTorch is not installed: `pip install -e '.[export]'` to time the eager reference"
@@ -95,7 +95,7 @@ def reference_scorer(product, threads: int, device: str = "cpu") -> Callable[[np
     """
     import torch
 
-    from .export.reference import ReferenceScorer, load_reference_backbone
+    from ..export.reference import ReferenceScorer, load_reference_backbone
 
     torch.set_num_threads(threads)
     bank = np.load(product.directory / "memory_bank.npy")
@@ -129,7 +129,7 @@ def _pick_reference_device(requested: str, backend_facts: dict[str, Any]) -> str
 
 def bench_product(product, frames: Sequence[np.ndarray], options: BenchOptions, source: str = "") -> dict[str, Any]:
     """Time the product's scorer and (when PyTorch is installed) the eager reference on `frames`."""
-    from .scoring import Scorer
+    from ..scorer.product import Scorer
 
     if not frames:
         raise UserError("no frames to time: give --images DIR with at least one image")
@@ -216,9 +216,9 @@ def temporary_product(work_dir: str | Path, engines_dir: str | Path, category: s
     defects, so the timing runs on real, varied frames. The backbone comes from `engines_dir` (exported
     there first when missing); the product's own graphs go to `work_dir`.
     """
-    from .calibrate import BACKBONE_FILE, CalibrationOptions, calibrate_product, ensure_backbone
-    from .scoring_params import ScorerParams
-    from .synth import CATEGORIES, generate_dataset
+    from ..scorer.calibrate import BACKBONE_FILE, CalibrationOptions, calibrate_product, ensure_backbone
+    from ..scorer.params import ScorerParams
+    from ..scorer.synth import CATEGORIES, generate_dataset
 
     if category not in CATEGORIES:
         raise UserError(f"--category {category!r}: choose one of {', '.join(CATEGORIES)}")

@@ -32,14 +32,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .capture import Capture, CaptureState, SourceError, camera_view, view_to_frame_box
-from .config import AppConfig, CameraConfig, load_config
-from .errors import ConfigError, UserError
-from .evidence import EvidenceStore
-from .records import Frame, Inspection, Region, ScoreResult, new_inspection_id
+from ..capture.geometry import camera_view, product_box_in_frame, regions_in_frame
+from ..capture.reader import Capture, CaptureState
+from ..capture.sources import SourceError
+from ..config import AppConfig, CameraConfig, load_config
+from ..errors import ConfigError, UserError
+from ..evidence import EvidenceStore
+from ..localize import find_regions
+from ..records import Frame, Inspection, Region, ScoreResult, new_inspection_id
 from .sdnotify import Notifier
-from .stats import CameraStats, Counters
-from .triggers import MqttTrigger, Trigger, create_trigger
+from .runtime_stats import CameraStats, Counters
+from ..capture.triggers import MqttTrigger, Trigger, create_trigger
 
 log = logging.getLogger(__name__)
 
@@ -485,9 +488,7 @@ class CameraPipeline:
         if self.evidence is None:
             return inspection
         try:
-            map_box = view_to_frame_box(
-                product_box_in_view(product.roi, view.shape[:2]), view.shape[:2], self._roi, frame.pixels.shape[:2]
-            )
+            map_box = product_box_in_frame(product.roi, view.shape[:2], self._roi, frame.pixels.shape[:2])
             path = self.evidence.save(inspection, frame.pixels, anomaly_map=result.anomaly_map, map_box=map_box)
         except Exception:  # noqa: BLE001 - losing a picture must not lose the result
             log.exception("%s: could not queue the evidence of inspection %s", self.name, inspection.inspection_id)
@@ -496,34 +497,8 @@ class CameraPipeline:
 
     def _regions_in_frame(self, result: ScoreResult, product, view_hw, frame_hw) -> tuple[Region, ...]:
         """Regions of the anomaly map, as boxes in the captured frame's pixels."""
-        from .localize import find_regions, scale_regions
-
         found = find_regions(result.anomaly_map, result.threshold)
-        if not found:
-            return ()
-        x0, y0, x1, y1 = product_box_in_view(product.roi, view_hw)
-        in_view = scale_regions(found, result.anomaly_map.shape[-2:], (y1 - y0, x1 - x0), (x0, y0))
-        out = []
-        for region in in_view:
-            box = view_to_frame_box(region.box, view_hw, self._roi, frame_hw)
-            cx, cy = view_to_frame_box(
-                (int(region.centroid[0]), int(region.centroid[1]), int(region.centroid[0]), int(region.centroid[1])),
-                view_hw, self._roi, frame_hw,
-            )[:2]
-            out.append(Region(box=box, area_pct=region.area_pct, peak=region.peak,
-                                      grid_words=region.grid_words, centroid=(float(cx), float(cy))))
-        return tuple(out)
-
-
-def product_box_in_view(roi: tuple[int, int, int, int] | None, view_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The part of the camera view the scorer's anomaly map covers (x0, y0, x1, y1): the product's
-    calibration ROI (x, y, w, h) clipped to the view as the scorer crops it, or the whole view."""
-    height, width = view_hw[:2]
-    if roi is None:
-        return 0, 0, width, height
-    x, y, w, h = roi
-    x0, y0 = min(max(0, x), width), min(max(0, y), height)
-    return x0, y0, max(x0, min(width, x + w)), max(y0, min(height, y + h))
+        return regions_in_frame(found, result.anomaly_map.shape[-2:], product.roi, view_hw, self._roi, frame_hw)
 
 
 class Daemon:
@@ -568,7 +543,7 @@ class Daemon:
         log.info("edge-inspect daemon starting: station %s, %d camera(s)", config.station, len(config.cameras))
         scorers = {camera.name: self._load_scorer(camera.product) for camera in config.cameras}
         try:
-            from .publish import ResultPublisher
+            from ..mqtt.publisher import ResultPublisher
 
             captures = {camera.name: Capture(camera.name, camera.source, camera.reconnect, on_state=self._on_capture_state)
                         for camera in config.cameras}
@@ -579,7 +554,7 @@ class Daemon:
                 on_trigger=self._on_trigger, on_product_set=self._on_product_set,
             )
             if self._flagged_sink is None and config.vlm.enabled:
-                from .vlm import VlmStage
+                from ..vlm import VlmStage
 
                 # Checks the model files now: a wrong path fails the start, not every flagged frame.
                 self.vlm_stage = VlmStage(config.vlm, self.publisher, config.scoring.calibration_dir)
@@ -807,7 +782,7 @@ class Daemon:
 
     def _load_scorer(self, product_name: str):
         """Load a calibration and build its scorer, warmed up (the first run of a graph is slow)."""
-        from .scoring import Scorer, load_product
+        from ..scorer.product import Scorer, load_product
 
         scoring = self.config.scoring
         product = load_product(scoring.calibration_dir, product_name, scoring.engines_dir)

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from .backends import ScorerBackend, create_backend
-from .errors import CalibrationError
-from .imageio import crop_roi, read_bgr, to_input
-from .records import ScoreResult
-from .scoring_params import ScorerParams
+from ..errors import CalibrationError
+from ..imageio import crop_roi, read_bgr, to_input
+from ..records import ScoreResult
+from .params import ScorerParams
 
 log = logging.getLogger(__name__)
 

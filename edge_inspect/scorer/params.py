@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .backbone import TAP_KINDS, parse_tap, tap_channels  # noqa: F401 - parse_tap and TAP_KINDS are part of this API
+from .memory_bank import random_projection
+
 
 @dataclass(frozen=True)
 class ScorerParams:
@@ -64,17 +67,6 @@ class ScorerParams:
         )
 
 
-TAP_KINDS = ("block", "expand")
-
-
-def parse_tap(tap: str) -> tuple[str, int]:
-    """("block" | "expand", block index) from "block4" / "expand8"."""
-    for kind in TAP_KINDS:
-        if tap.startswith(kind) and tap[len(kind):].isdigit():
-            return kind, int(tap[len(kind):])
-    raise ValueError(f"tap {tap!r}: write blockN (output of block N) or expandN (block N's expansion activations)")
-
-
 def normalize_tap(tap: str | int) -> str:
     """Older manifests stored block outputs as plain integers (4 = "block4")."""
     if isinstance(tap, int):
@@ -91,16 +83,12 @@ def tap_order(tap: str) -> tuple[int, int]:
 
 def feature_dim(params: ScorerParams) -> int:
     """Channels of the concatenated taps, before any projection."""
-    from .backbone import tap_channels
-
     return sum(tap_channels(t) for t in params.taps)
 
 
 def projection_matrix(params: ScorerParams) -> np.ndarray | None:
     """[projection_dim, feature_dim] Gaussian random projection, or None. Derived from the params alone
     (dims + seed), so calibration, the ONNX graph and the eager reference all use the same matrix."""
-    from .memory import random_projection
-
     d = feature_dim(params)
     if not params.projection_dim or params.projection_dim >= d:
         return None

@@ -15,7 +15,7 @@ Example:
     key = plan_key("engines/widget-3f2a.onnx", "widget", "fp16", device)
     plan = find_or_build_plan(key, "engines", allow_build=True, build=my_builder)
 
-This module holds no TensorRT code (edge_inspect/backends/trt_backend.py does), so the cache rules
+This module holds no TensorRT code (edge_inspect/scorer/backends/trt_backend.py does), so the cache rules
 are testable on any machine.
 """
 
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from ...errors import UserError
 
 log = logging.getLogger(__name__)
 

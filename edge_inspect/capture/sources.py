@@ -1,0 +1,385 @@
+"""Frame sources behind one interface (Frigate's detector-plugin shape, picked by `source.type`).
+
+`v4l2` (USB/CSI camera), `url` (RTSP, HTTP MJPEG through OpenCV's FFmpeg backend), `gstreamer` (a
+pipeline string ending in appsink) and `replay` (a folder of images or a video file, paced or as
+fast as the pipeline takes them). The thread that runs a source is `capture.reader.Capture`.
+
+Example:
+    source = create_source(ReplaySourceConfig(type="replay", path="frames/"))
+    source.check(); source.open(); bgr = source.read(); source.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..config.capture import (
+    GStreamerSourceConfig,
+    ReconnectConfig,
+    ReplaySourceConfig,
+    UrlSourceConfig,
+    V4l2SourceConfig,
+)
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+
+class SourceError(Exception):
+    """The source cannot deliver a frame right now (device lost, stream broken): reconnect."""
+
+
+class EndOfStream(Exception):
+    """A finite source (replay without loop) has no more frames."""
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+
+class FrameSource(ABC):
+    """One kind of frame source. `open` and `read` raise SourceError; they are called from one thread."""
+
+    type_key: str = "abstract"
+    lossless: bool = False  # True: the capture waits for the pipeline instead of dropping frames
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.stop_event = threading.Event()  # set by Capture on stop, so a pacing wait ends at once
+
+    def check(self) -> None:
+        """Static prerequisites, checked once at startup; raise UserError for what no retry can fix."""
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def read(self) -> np.ndarray:
+        """The next frame as HxWx3 uint8 BGR."""
+
+    def close(self) -> None:
+        """Release the device or stream. Safe to call when not open."""
+
+    def describe(self) -> str:
+        return self.type_key
+
+    @property
+    def expected_interval_s(self) -> float:
+        """Longest normal gap between frames (0 = unknown); stall detection never fires below 3x this."""
+        return 0.0
+
+
+def to_bgr(frame: np.ndarray) -> np.ndarray:
+    """Grayscale or BGRA frames as 3-channel BGR uint8 (what the scorer takes)."""
+    import cv2
+
+    if frame.ndim == 2:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if frame.shape[2] == 4:
+        return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+    if frame.dtype != np.uint8:
+        raise SourceError(f"frames of type {frame.dtype} are not supported; configure the source for 8-bit output")
+    return frame
+
+
+class _OpenCvSource(FrameSource):
+    """Shared read/close for sources that OpenCV's VideoCapture opens."""
+
+    def __init__(self, config: Any, reconnect: ReconnectConfig | None = None):
+        super().__init__(config)
+        self.reconnect = reconnect or ReconnectConfig()
+        self._cap = None
+
+    @abstractmethod
+    def _create(self):
+        """Return an opened-or-not cv2.VideoCapture."""
+
+    def open(self) -> None:
+        self.close()
+        cap = self._create()
+        if cap is None or not cap.isOpened():
+            if cap is not None:
+                cap.release()
+            raise SourceError(f"cannot open {self.describe()}")
+        self._cap = cap
+
+    def read(self) -> np.ndarray:
+        if self._cap is None:
+            raise SourceError("source is not open")
+        ok, frame = self._cap.read()
+        if not ok or frame is None:
+            raise SourceError(f"no frame from {self.describe()} (stream ended, timed out or device lost)")
+        return to_bgr(frame)
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+    def _timeouts(self) -> list[int]:
+        import cv2
+
+        return [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.reconnect.open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.reconnect.stall_timeout_s * 1000),
+        ]
+
+
+class V4l2Source(_OpenCvSource):
+    type_key = "v4l2"
+    config: V4l2SourceConfig
+
+    def _create(self):
+        import cv2
+
+        device = self.config.device
+        if isinstance(device, str) and not os.path.exists(device):
+            raise SourceError(f"{device} does not exist (camera unplugged? check `v4l2-ctl --list-devices`)")
+        cap = cv2.VideoCapture(device, cv2.CAP_V4L2)
+        if not cap.isOpened():
+            return cap
+        if self.config.fourcc:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.config.fourcc))
+        if self.config.width:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.config.width)
+        if self.config.height:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.config.height)
+        if self.config.fps:
+            cap.set(cv2.CAP_PROP_FPS, self.config.fps)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # keep the driver queue short: newest frame, not a backlog
+        got = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), cap.get(cv2.CAP_PROP_FPS))
+        if (self.config.width and got[0] != self.config.width) or (self.config.height and got[1] != self.config.height):
+            log.warning(
+                "%s: asked for %dx%d, the driver gives %dx%d (list modes with `v4l2-ctl --list-formats-ext`)",
+                self.describe(), self.config.width, self.config.height, got[0], got[1],
+            )
+        return cap
+
+    def describe(self) -> str:
+        device = self.config.device
+        return f"v4l2 {device if isinstance(device, str) else f'/dev/video{device}'}"
+
+    @property
+    def expected_interval_s(self) -> float:
+        return 1.0 / self.config.fps if self.config.fps else 0.0
+
+
+_FFMPEG_OPTIONS_LOCK = threading.Lock()
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(text: str) -> str:
+    """Replace ${NAME} with the environment variable NAME (camera passwords stay out of the config)."""
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise UserError(f"source.url refers to ${{{name}}} but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(value, text)
+
+
+class UrlSource(_OpenCvSource):
+    type_key = "url"
+    config: UrlSourceConfig
+
+    def check(self) -> None:
+        expand_env(self.config.url)
+
+    def _create(self):
+        import cv2
+
+        try:
+            url = expand_env(self.config.url)
+        except UserError as exc:
+            raise SourceError(str(exc)) from None
+
+        # OpenCV reads FFmpeg demuxer options from this variable when a capture opens.
+        with _FFMPEG_OPTIONS_LOCK:
+            previous = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS")
+            if self.config.url.startswith(("rtsp://", "rtsps://")):
+                os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{self.config.rtsp_transport}"
+            try:
+                return cv2.VideoCapture(url, cv2.CAP_FFMPEG, self._timeouts())
+            finally:
+                if previous is None:
+                    os.environ.pop("OPENCV_FFMPEG_CAPTURE_OPTIONS", None)
+                else:
+                    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = previous
+
+    def describe(self) -> str:
+        return f"url {redact_url(self.config.url)}"
+
+
+def opencv_has_gstreamer() -> bool:
+    import cv2
+
+    return re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()) is not None
+
+
+class GStreamerSource(_OpenCvSource):
+    type_key = "gstreamer"
+    config: GStreamerSourceConfig
+
+    def check(self) -> None:
+        if not opencv_has_gstreamer():
+            raise UserError(
+                "source.type gstreamer: this OpenCV build has no GStreamer support (opencv-python wheels never "
+                "have it). Use the distribution's OpenCV (apt install python3-opencv; on Jetson the JetPack one) "
+                "in a venv created with --system-site-packages, or use a v4l2/url source."
+            )
+
+    def _create(self):
+        import cv2
+
+        return cv2.VideoCapture(self.config.pipeline, cv2.CAP_GSTREAMER)
+
+    def describe(self) -> str:
+        head = self.config.pipeline.split("!")[0].strip()
+        return f"gstreamer {head} ! ..."
+
+
+class ReplaySource(FrameSource):
+    """A folder of images (name order) or a video file. Reopening resumes where it stopped."""
+
+    type_key = "replay"
+    config: ReplaySourceConfig
+
+    def __init__(self, config: ReplaySourceConfig, reconnect: ReconnectConfig | None = None):
+        super().__init__(config)
+        self.lossless = config.fps == 0
+        self.path = Path(config.path)
+        self._files: list[Path] | None = None
+        self._cap = None
+        self._position = 0
+        self._next_due: float | None = None
+
+    def check(self) -> None:
+        if not self.path.exists():
+            raise UserError(f"source.path {str(self.path)!r} does not exist; give a folder of images or a video file")
+        if self.path.is_dir() and not self._list_images():
+            raise UserError(
+                f"source.path {str(self.path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+
+    def _list_images(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+    def open(self) -> None:
+        import cv2
+
+        self._next_due = None
+        if self.path.is_dir():
+            if self._files is None:
+                self._files = self._list_images()
+            if not self._files:
+                raise SourceError(f"no images in {self.path}")
+            return
+        if not self.path.is_file():
+            raise SourceError(f"{self.path} does not exist")
+        self.close()
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open video {self.path}")
+        if self._position:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, self._position)
+        self._cap = cap
+
+    def read(self) -> np.ndarray:
+        self._pace()
+        if self._files is not None:
+            return self._read_image()
+        return self._read_video()
+
+    def _read_image(self) -> np.ndarray:
+        import cv2
+
+        assert self._files is not None
+        if self._position >= len(self._files):
+            if not self.config.loop:
+                raise EndOfStream(str(self.path))
+            self._position = 0
+        file = self._files[self._position]
+        self._position += 1  # a broken file is skipped after the reconnect, not retried forever
+        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if image is None:
+            raise SourceError(f"cannot read image {file}")
+        return image
+
+    def _read_video(self) -> np.ndarray:
+        import cv2
+
+        if self._cap is None:
+            raise SourceError("video is not open")
+        ok, frame = self._cap.read()
+        if not ok:
+            if not self.config.loop:
+                raise EndOfStream(str(self.path))
+            if self._position == 0:
+                raise SourceError(f"video {self.path} has no readable frames")
+            self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            self._position = 0
+            ok, frame = self._cap.read()
+            if not ok:
+                raise SourceError(f"video {self.path} cannot be read from the start")
+        self._position += 1
+        return to_bgr(frame)
+
+    def _pace(self) -> None:
+        if self.config.fps <= 0:
+            return
+        interval = 1.0 / self.config.fps
+        now = time.monotonic()
+        if self._next_due is None or now - self._next_due > interval:
+            self._next_due = now  # first frame, or fell behind: do not burst to catch up
+        wait = self._next_due - now
+        if wait > 0:
+            self.stop_event.wait(wait)
+        self._next_due += interval
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+    def describe(self) -> str:
+        pace = f"{self.config.fps:g} fps" if self.config.fps else "lossless"
+        return f"replay {self.path} ({pace}{', loop' if self.config.loop else ''})"
+
+    @property
+    def expected_interval_s(self) -> float:
+        return 1.0 / self.config.fps if self.config.fps else 0.0
+
+
+SOURCE_TYPES: dict[str, type[FrameSource]] = {
+    cls.type_key: cls for cls in (V4l2Source, UrlSource, GStreamerSource, ReplaySource)
+}
+
+
+def create_source(config: Any, reconnect: ReconnectConfig | None = None) -> FrameSource:
+    """Build the source class registered under `config.type`."""
+    try:
+        cls = SOURCE_TYPES[config.type]
+    except KeyError:
+        raise UserError(f"source.type {config.type!r} is not known; use one of {', '.join(SOURCE_TYPES)}") from None
+    return cls(config, reconnect)  # type: ignore[call-arg]
+
+
+def redact_url(url: str) -> str:
+    """rtsp://user:secret@host/... -> rtsp://user:***@host/... (for logs and status)."""
+    return re.sub(r"(//[^/:@]+):[^@/]*@", r"\1:***@", url)

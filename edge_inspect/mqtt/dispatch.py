@@ -1,0 +1,67 @@
+"""Command dispatch: a topic -> handler table, apart from the transport (Frigate's dispatcher shape).
+
+The MQTT client only hands over (topic, payload, retained); a route parses the payload and calls its
+handler. A new command is one handler and one row. Malformed payloads and handler errors are
+counted and logged, never raised into the network thread.
+
+Example:
+    commands = CommandDispatcher({topics.trigger: Route("trigger", parse_trigger, on_trigger, "triggers",
+                                                        ignore_retained=True)}, counts)
+    commands.dispatch(message.topic, message.payload, message.retain)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One command topic: how to parse its payload and who handles the parsed command."""
+
+    name: str  # for logs: "trigger", "product/set"
+    parse: Callable[[bytes], Any]  # raises ValueError on a malformed payload
+    handler: Callable[[Any], None] | None
+    counter: str  # counts commands received on this route
+    ignore_retained: bool = False  # a retained command is stale state, not a command
+
+
+class CommandDispatcher:
+    """Routes command messages by topic. `counts` is updated in place (malformed_commands,
+    retained_triggers_ignored, command_errors and each route's counter)."""
+
+    def __init__(self, routes: dict[str, Route], counts: dict[str, int]):
+        self.routes = dict(routes)
+        self.counts = counts
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self.routes)
+
+    def dispatch(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        route = self.routes.get(topic)
+        if route is None:
+            return
+        if retained and route.ignore_retained:
+            self.counts["retained_triggers_ignored"] += 1
+            log.warning("ignored a retained %s on %s (clear it: mosquitto_pub -r -n -t '%s')", route.name, topic, topic)
+            return
+        try:
+            command = route.parse(payload)
+        except ValueError as exc:
+            self.counts["malformed_commands"] += 1
+            log.warning("ignored malformed %s command: %s (payload %r)", route.name, exc, payload[:80])
+            return
+        self.counts[route.counter] += 1
+        if route.handler is None:
+            log.info("received %s %r but nothing handles it", route.name, command)
+            return
+        try:
+            route.handler(command)
+        except Exception:  # noqa: BLE001 - a handler bug must not take the MQTT session down
+            self.counts["command_errors"] += 1
+            log.exception("the %s handler failed on %r", route.name, command)

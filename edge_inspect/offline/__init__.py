@@ -1,0 +1,1 @@
+"""Offline tools: evaluate (MVTec-style datasets), AUROC metrics, bench."""

@@ -1,0 +1,1 @@
+"""Operations: doctor, report, demo and the embedded demo broker."""
