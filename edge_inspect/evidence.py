@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from .config.evidence import EvidenceConfig
-from .records import Inspection
+from .records import Inspection, is_inspection_id
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ SUFFIXES = (FRAME_SUFFIX, OVERLAY_SUFFIX, MAP_SUFFIX, JSON_SUFFIX)
 TMP_SUFFIX = ".tmp"
 
 _DAY_RE = re.compile(r"^\d{8}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _IDLE_RETENTION_S = 60.0  # age-based deletion also runs when no frame is flagged for a while
 
 
@@ -221,7 +220,7 @@ class EvidenceStore:
         if not self.wants(inspection):
             return None
         inspection_id = inspection.inspection_id
-        if not _ID_RE.match(inspection_id):
+        if not is_inspection_id(inspection_id):
             self._count("rejected", f"inspection id {inspection_id!r} is not a safe file name")
             return None
         day = day_folder(inspection.timestamp)

@@ -10,6 +10,7 @@ so every stage can be tested alone.
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,32 @@ GRID_WORDS: tuple[str, ...] = (
 
 Verdict_OK_NG = Literal["OK", "NG"]
 VlmStatus = Literal["pending", "done", "failed", "skipped"]
+
+
+# Stations, cameras and products: a plain name, safe as an MQTT topic level and as a folder name.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Inspection ids: a topic level (.../image/<id>) and the stem of the evidence files.
+INSPECTION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_NAME = re.compile(NAME_PATTERN)
+_INSPECTION_ID = re.compile(INSPECTION_ID_PATTERN)
+
+
+def is_plain_name(text: object) -> bool:
+    """A station, camera or product name: 1-64 letters, digits, _ . -, starting with a letter or digit."""
+    return isinstance(text, str) and _NAME.fullmatch(text) is not None
+
+
+def is_product_name(text: object) -> bool:
+    """The one product-name rule (config, calibrate, product/set): a plain name without '..'.
+
+    Example: is_product_name("bracket-a") is True; is_product_name("abc\n") is False.
+    """
+    return is_plain_name(text) and ".." not in text  # type: ignore[operator]
+
+
+def is_inspection_id(text: object) -> bool:
+    """An inspection id as new_inspection_id() makes them (letters, digits, _ and -, at most 64)."""
+    return isinstance(text, str) and _INSPECTION_ID.fullmatch(text) is not None
 
 
 def new_inspection_id() -> str:

@@ -12,9 +12,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from ..records import NAME_PATTERN, is_product_name
 from .base import Section
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class V4l2SourceConfig(Section):
@@ -163,6 +163,13 @@ class CameraConfig(Section):
         description="Calibrated product to score against (calibration/<product>/; letters, digits, _ . -); "
         "switchable at run time over MQTT.",
     )
+
+    @field_validator("product")
+    @classmethod
+    def _product_name(cls, value: str) -> str:
+        if not is_product_name(value):
+            raise ValueError(f"{value!r} is not a product name: 1-64 letters, digits, _ . -, starting with a letter or digit, no '..'")
+        return value
     trigger: TriggerConfig = Field(default_factory=TriggerConfig, description="When a frame is inspected.")
     roi: RoiConfig | None = Field(
         None,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from importlib import resources
 from typing import Any, Mapping
 
 from .. import records
-from ..config.capture import NAME_PATTERN
 
 # Major changes break subscribers (a field renamed or removed); minor ones only add optional fields.
 SCHEMA_VERSION = "1.1"  # 1.1: optional final_verdict / decided_by in result updates
@@ -37,8 +35,6 @@ STATUS_STOPPED = "stopped"  # clean shutdown
 
 MAX_COMMAND_BYTES = 4096
 MAX_PART_ID_CHARS = 128
-_PRODUCT_NAME = re.compile(NAME_PATTERN)
-_INSPECTION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # also a topic level (.../image/<id>)
 _VLM_STATUSES = ("pending", "done", "failed", "skipped")
 _UPDATE_KEYS = ("vlm_status", "vlm", "error", "final_verdict", "decided_by")
 _DECIDERS = ("scorer", "vlm")
@@ -85,7 +81,7 @@ class Topics:
 
 def check_station(station: str) -> str:
     """Stations become a topic level; reject anything that is not a plain name."""
-    if not isinstance(station, str) or not _PRODUCT_NAME.fullmatch(station):
+    if not records.is_plain_name(station):
         raise ValueError(
             f"station {station!r} is not a valid name (letters, digits, _ . -, 1-64 characters, no '/', '+' or '#')"
         )
@@ -118,8 +114,8 @@ def _finite(name: str, value: float) -> float:
 
 
 def check_inspection_id(inspection_id: str) -> str:
-    if not isinstance(inspection_id, str) or not _INSPECTION_ID.fullmatch(inspection_id):
-        raise ValueError(f"inspection_id {inspection_id!r} must be 1-64 letters, digits or _ . : - (records.new_inspection_id())")
+    if not records.is_inspection_id(inspection_id):
+        raise ValueError(f"inspection_id {inspection_id!r} must be 1-64 letters, digits, _ or - (records.new_inspection_id())")
     return inspection_id
 
 
@@ -343,7 +339,7 @@ def parse_product_set(payload: bytes) -> str:
             name = stripped.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError("product/set payload is not UTF-8 text") from None
-    if not _PRODUCT_NAME.fullmatch(name):
+    if not records.is_product_name(name):
         raise ValueError(
             f"product/set name {name[:80]!r} is not a product name (letters, digits, _ . -, 1-64 characters)"
         )

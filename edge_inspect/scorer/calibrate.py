@@ -13,7 +13,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 from .. import __version__
 from .backbone import tap_channels
 from ..errors import CalibrationError, UserError
+from ..records import is_product_name
 from ..imageio import crop_roi, read_bgr, to_input
 from .memory_bank import features_to_patches, greedy_coreset, nearest_distances
 from .params import ScorerParams, gaussian_kernel_1d, projection_matrix
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 MIN_IMAGES = 2
 RECOMMENDED_IMAGES = 4
-PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # jitter: +-6 degree rotations, the small pose changes every real fixture lets through (default);
 # the others for products that appear flipped, turned or shifted on the line.
 AUGMENTATIONS = ("jitter", "hflip", "vflip", "rot90", "shift")
@@ -57,7 +56,7 @@ class CalibrationOptions:
 
 
 def validate_product_name(name: str) -> str:
-    if not PRODUCT_NAME.match(name or "") or ".." in name:
+    if not is_product_name(name):
         raise UserError(
             f"product name {name!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.', starting with a "
             "letter or digit (no path separators), e.g. 'bracket-a'"
