@@ -40,9 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from .config.evidence import EvidenceConfig
+from .localize import overlay
+from .mqtt.payloads import result_payload
 from .records import Inspection, is_inspection_id
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,6 @@ def encode_map_png(anomaly_map: np.ndarray) -> tuple[bytes, tuple[float, float]]
     8 bits over the map's own range keep the shape of every region (what a person looks at) at a
     tenth of the size of a float32 .npy; the exact image score is in the JSON anyway.
     """
-    import cv2
 
     values = np.nan_to_num(np.asarray(anomaly_map, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = float(values.min(initial=0.0)), float(values.max(initial=0.0))
@@ -95,7 +97,6 @@ def encode_map_png(anomaly_map: np.ndarray) -> tuple[bytes, tuple[float, float]]
 
 def decode_map_png(png: bytes | Path, value_range: tuple[float, float]) -> np.ndarray:
     """Inverse of `encode_map_png` (to 1/255 of the range): float32 anomaly map."""
-    import cv2
 
     data = Path(png).read_bytes() if isinstance(png, Path) else png
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -107,7 +108,6 @@ def decode_map_png(png: bytes | Path, value_range: tuple[float, float]) -> np.nd
 
 def inspection_payload(inspection: Inspection) -> dict[str, Any]:
     """The result payload of an inspection as the publisher sends it (without the stream's seq)."""
-    from .mqtt.payloads import result_payload
 
     payload = dict(result_payload(inspection, seq=1))
     for stream_only in ("seq", "replayed"):  # properties of one MQTT delivery, not of the inspection
@@ -118,7 +118,6 @@ def inspection_payload(inspection: Inspection) -> dict[str, Any]:
 def map_in_frame(anomaly_map: np.ndarray, frame_hw: tuple[int, int],
                  map_box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """The anomaly map resized into the frame box it covers (x0, y0, x1, y1; None = whole frame), 0 elsewhere."""
-    import cv2
 
     height, width = frame_hw
     x0, y0, x1, y1 = map_box if map_box is not None else (0, 0, width, height)
@@ -327,8 +326,6 @@ class EvidenceStore:
                 self._queue.task_done()
 
     def _write_entry(self, job: _SaveJob) -> bool:
-        import cv2
-
         if self._low_disk():
             return False
         folder = self.root / job.day
@@ -375,7 +372,6 @@ class EvidenceStore:
     def _make_overlay(self, job: _SaveJob) -> np.ndarray | None:
         if job.anomaly_map is None:
             return None
-        from .localize import overlay
 
         heat = map_in_frame(job.anomaly_map, job.frame.shape[:2], job.map_box)
         return overlay(job.frame, heat, job.inspection.threshold, job.inspection.regions)

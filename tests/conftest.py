@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from mqtt_broker import MISSING_REASON, MosquittoBroker, mosquitto_binary
 
 
@@ -48,9 +47,9 @@ def _test_engines_cache() -> Path:
 def backbone_onnx(tmp_path_factory) -> Path:
     """The backbone ONNX exported from the pretrained weights (needs torch once, ~3 s), cached across runs
     under a folder keyed by the weights' sha256 so a new weights release is exported again."""
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
     from edge_inspect.export.weights import pretrained_weights_path
+    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
 
     try:
         source = pretrained_weights_path()

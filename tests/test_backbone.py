@@ -88,8 +88,8 @@ def test_onnx_classifier_recognises_photos(classifier_session, name, expected):
 def test_backbone_artifact_is_the_classifier_of_the_folded_weights(backbone_onnx):
     import onnx
 
-    from edge_inspect.scorer.backbone import folded_layers
     from edge_inspect.export.weights import load_state_dict_numpy
+    from edge_inspect.scorer.backbone import folded_layers
     from edge_inspect.scorer.scorer_graph import folded_from_model
 
     pytest.importorskip("torch")

@@ -126,13 +126,17 @@ def test_time_calls_and_latency_summary():
 
 @pytest.mark.vlm
 @pytest.mark.slow
-def test_bench_with_vlm_times_the_vlm_stage_too(calibrated_product, capsys):
+def test_bench_with_vlm_times_the_vlm_stage_too(calibrated_product, capsys, tmp_path):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf", reason="the tiny test model is written with the gguf package")
-    result = _bench_json(capsys, *_product_args(calibrated_product), "--no-reference", "--vlm", "--vlm-frames", "1")
+    from tiny_gguf import build_tiny_vlm
+
+    pair = build_tiny_vlm(tmp_path / "tiny")
+    result = _bench_json(capsys, *_product_args(calibrated_product), "--no-reference", "--vlm", "--vlm-frames", "1",
+                         "--vlm-model", str(pair.model), "--vlm-mmproj", str(pair.mmproj))
     assert result["scorer_p50_ms"] > 0
     modes = {m["mode"]: m for m in result["vlm"]["modes"]}
-    assert set(modes) == {"image", "text"} and result["vlm"]["tiny"] is True
+    assert set(modes) == {"image", "text"} and result["vlm"]["tiny"] is False
     for mode in modes.values():
         assert "error" not in mode and mode["frames"] == 1 and mode["latency_ms_p50"] > 0
 
@@ -144,3 +148,10 @@ def test_reference_on_a_missing_cuda_device_is_reported_not_crashed(calibrated_p
     result = _bench_json(capsys, *_product_args(calibrated_product), "--reference-device", "cuda", "--iterations", "1")
     assert result["scorer_p50_ms"] > 0 and result["reference_p50_ms"] is None
     assert "--reference-device cuda" in result["reference_note"]
+
+
+def test_bench_vlm_without_a_model_says_what_to_give(capsys):
+    from edge_inspect import cli
+
+    assert cli.main(["bench", "--vlm", "--no-reference"]) == 2
+    assert "--vlm-model" in capsys.readouterr().err

@@ -11,8 +11,8 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_inspect.ops.demo_broker import ensure_broker, port_open
 from edge_inspect.errors import UserError
+from edge_inspect.ops.demo_broker import ensure_broker, port_open
 
 
 def _free_port() -> int:

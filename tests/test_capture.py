@@ -18,11 +18,11 @@ import pytest
 from edge_inspect.capture.geometry import camera_view, view_to_frame_box
 from edge_inspect.capture.reader import Capture, CaptureState, Grabbed, LatestFrame
 from edge_inspect.capture.sources import EndOfStream, ReplaySource, SourceError, UrlSource, create_source, redact_url
-from edge_inspect.config.capture import ReconnectConfig, ReplaySourceConfig, TriggerConfig, UrlSourceConfig
-from edge_inspect.errors import UserError
-from edge_inspect.daemon.sdnotify import Notifier
-from edge_inspect.daemon.runtime_stats import CameraStats, LatencyWindow, RateMeter
 from edge_inspect.capture.triggers import EveryFrameTrigger, FreeRunTrigger, MqttTrigger, create_trigger
+from edge_inspect.config.capture import ReconnectConfig, ReplaySourceConfig, TriggerConfig, UrlSourceConfig
+from edge_inspect.daemon.runtime_stats import CameraStats, LatencyWindow, RateMeter
+from edge_inspect.daemon.sdnotify import Notifier
+from edge_inspect.errors import UserError
 
 
 def numbered_frame(value: int, shape=(48, 64)) -> np.ndarray:

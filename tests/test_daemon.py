@@ -20,12 +20,11 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
+from mqtt_broker import MessageCollector, MosquittoBroker, free_port, mosquitto_binary
+from test_capture import MjpegCamera
 
 from edge_inspect import cli
 from edge_inspect.mqtt.payloads import load_schema
-from mqtt_broker import MessageCollector, MosquittoBroker, free_port, mosquitto_binary
-
-from test_capture import MjpegCamera
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "edge-inspect"
@@ -58,8 +57,8 @@ def product(tmp_path_factory, pytestconfig):
     (one result per frame, verdicts, reloads), so every frame must be clearly OK or clearly NG. Held-out
     good parts at 4 shots and 128 px sit close to the threshold; the scorer's own tests and
     `edge-inspect evaluate` measure that."""
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
+    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
     from edge_inspect.scorer.synth import generate_dataset
 
     cache_plugin = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
@@ -468,7 +467,7 @@ def tiny_vlm(tmp_path_factory):
     """The tiny random-weight LLaVA-style pair (real llama.cpp, answers mean nothing)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)")
     pytest.importorskip("gguf", reason="the gguf package writes the tiny test model")
-    from edge_inspect.vlm.tiny_gguf import build_tiny_vlm
+    from tiny_gguf import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))
 

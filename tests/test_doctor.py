@@ -35,8 +35,8 @@ def frames(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, pytestconfig) -> dict[str, Path]:
     """Product `cup` calibrated with `edge-inspect calibrate` from four real photos of the same cup."""
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
+    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
 
     cache_plugin = getattr(pytestconfig, "cache", None)
     cache = Path(cache_plugin.mkdir("edge-inspect-backbone")) if cache_plugin else tmp_path_factory.mktemp("backbone")
@@ -228,7 +228,7 @@ def test_a_check_that_crashes_is_a_failure_not_a_traceback(tmp_path):
 def test_vlm_section_is_checked_when_enabled(tmp_path, frames, capsys):
     """The config's vlm section reaches the doctor: GGUF files are checked, an HTML page is named as such."""
     pytest.importorskip("gguf", reason="the gguf package writes the tiny test model")
-    from edge_inspect.vlm.tiny_gguf import build_tiny_vlm
+    from tiny_gguf import build_tiny_vlm
 
     tiny = build_tiny_vlm(tmp_path / "models")
     code, checks = _doctor(_config(tmp_path, frames, _free_port(),

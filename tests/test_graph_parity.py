@@ -35,9 +35,9 @@ def parity(backbone_onnx):
     import torch
 
     from edge_inspect.export.reference import ReferenceScorer, load_reference_backbone
-    from edge_inspect.scorer.scorer_graph import build_features_model, build_scorer_model, folded_from_model
     from edge_inspect.imageio import to_input
     from edge_inspect.scorer.memory_bank import features_to_patches, greedy_coreset
+    from edge_inspect.scorer.scorer_graph import build_features_model, build_scorer_model, folded_from_model
     from edge_inspect.scorer.synth import CATEGORIES, inject_defect, load_photo, render_good
 
     previous_threads = torch.get_num_threads()
@@ -216,8 +216,8 @@ def test_calibration_projects_raw_features_into_the_graphs_space(parity, backbon
     import onnxruntime as ort
 
     from edge_inspect.scorer.calibrate import feature_transform
-    from edge_inspect.scorer.scorer_graph import build_features_model, folded_from_model
     from edge_inspect.scorer.params import output_dim, projection_matrix
+    from edge_inspect.scorer.scorer_graph import build_features_model, folded_from_model
 
     params = dataclasses.replace(parity["params"], layer_scales=(0.7, 1.9))
     assert projection_matrix(params) is not None, "the default scorer projects its features"

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_inspect.offline import mvtec
 from edge_inspect.errors import UserError
+from edge_inspect.offline import mvtec
 
 REPO = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = Path(__file__).parents[1].parent / "shared/data/magnetic-tile"

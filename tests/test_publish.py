@@ -16,16 +16,16 @@ from pathlib import Path
 import jsonschema
 import paho.mqtt.client as paho
 import pytest
+from mqtt_broker import MessageCollector, make_password_file, make_tls_files
 from paho.mqtt.enums import CallbackAPIVersion
+from publisher_harness import synthetic_inspection
 
 from edge_inspect import records
-from edge_inspect.mqtt.listen import StreamCheck
 from edge_inspect.config.mqtt import MqttConfig, SpoolConfig
 from edge_inspect.errors import ConfigError
+from edge_inspect.mqtt.listen import StreamCheck
 from edge_inspect.mqtt.payloads import Topics, load_schema, vlm_update
 from edge_inspect.mqtt.publisher import ResultPublisher
-from mqtt_broker import MessageCollector, make_password_file, make_tls_files
-from publisher_harness import synthetic_inspection
 
 HARNESS = Path(__file__).with_name("publisher_harness.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -413,8 +413,9 @@ def test_describe_connect_error_names_the_cause_and_the_key_to_fix():
     """Public for `doctor`: a real refused connection in words."""
     import socket
 
-    from edge_inspect.mqtt.client import describe_connect_error
     from mqtt_broker import free_port
+
+    from edge_inspect.mqtt.client import describe_connect_error
 
     port = free_port()
     config = mqtt_config(port)

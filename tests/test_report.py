@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
+from edge_inspect.capture.geometry import scale_regions
 from edge_inspect.config.evidence import EvidenceConfig
 from edge_inspect.evidence import EvidenceStore
-from edge_inspect.capture.geometry import scale_regions
 from edge_inspect.localize import find_regions, overlay
 from edge_inspect.mqtt.payloads import result_payload, stats_payload, update_payload, vlm_update
-from edge_inspect.records import Inspection, Verdict
 from edge_inspect.ops.report import (
     latency_histogram_png,
     load_run,
@@ -35,6 +34,7 @@ from edge_inspect.ops.report import (
     time_ticks,
     write_report,
 )
+from edge_inspect.records import Inspection, Verdict
 
 START = 1736841600.0  # 2025-01-14 08:00 UTC
 

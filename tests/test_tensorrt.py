@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from model_helpers import random_folded_weights
 
-from edge_inspect.scorer.backends import trt_plan_cache as engines
-from edge_inspect.scorer.backends import create_backend
-from edge_inspect.scorer.backends.trt_backend import tensorrt_available
-from edge_inspect.commands.build_engine import agreement, passes
 from edge_inspect.errors import UserError
+from edge_inspect.scorer.backends import create_backend
+from edge_inspect.scorer.backends import trt_plan_cache as engines
+from edge_inspect.scorer.backends.trt_backend import tensorrt_available
+from edge_inspect.scorer.backends.trt_build import agreement, passes
 
 TRT_OK, TRT_REASON = tensorrt_available()
 needs_gpu = pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT 10 and a CUDA GPU: {TRT_REASON}")
@@ -30,9 +30,8 @@ XAVIER = engines.DeviceFacts("Xavier", "7.2", "10.3.0")
 @pytest.fixture(scope="module")
 def scorer_onnx(tmp_path_factory):
     """The product's scorer graph structure (edge_inspect.scorer.scorer_graph), random weights, a 128x128 input."""
+    from edge_inspect.scorer.params import ScorerParams, output_dim
     from edge_inspect.scorer.scorer_graph import build_scorer_model, save_model
-    from edge_inspect.scorer.params import output_dim
-    from edge_inspect.scorer.params import ScorerParams
 
     folded = random_folded_weights()
     params = ScorerParams(input_size=(128, 128))

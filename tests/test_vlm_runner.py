@@ -39,7 +39,7 @@ HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     pytest.importorskip("gguf", reason="the gguf package writes the tiny test model")
-    from edge_inspect.vlm.tiny_gguf import build_tiny_vlm
+    from tiny_gguf import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny"))
 
@@ -199,8 +199,9 @@ def test_wrong_files_give_errors_that_name_the_key(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)")
 def test_gemma_270m_text_mode_gives_a_valid_verdict_end_to_end():
+    from tiny_gguf import cached_gemma_270m
+
     from edge_inspect.vlm.runner import LlamaRunner
-    from edge_inspect.vlm.tiny_gguf import cached_gemma_270m
 
     model = cached_gemma_270m()
     if model is None:

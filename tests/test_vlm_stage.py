@@ -14,13 +14,13 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from test_vlm_prompt import photo_product  # noqa: F401 - fixture: a product calibrated on four photos
 
 from edge_inspect.config.vlm import VlmConfig
 from edge_inspect.errors import ConfigError
 from edge_inspect.records import Inspection, Region, ScoreResult, Verdict, new_inspection_id
 from edge_inspect.vlm.stage import Decision, ScoreQueue, VlmStage, build_update, decide
 from edge_inspect.vlm.worker import backoff_delay, hard_timeout
-from test_vlm_prompt import photo_product  # noqa: F401 - fixture: a product calibrated on four photos
 
 REPO = Path(__file__).resolve().parents[1]
 UPDATE_SCHEMA = json.loads((REPO / "edge_inspect" / "mqtt" / "schemas" / "result_update.json").read_text())
@@ -171,7 +171,7 @@ def tiny(tmp_path_factory):
     if not HAS_LLAMA:
         pytest.skip(NO_LLAMA)
     pytest.importorskip("gguf", reason="the gguf package writes the tiny test model")
-    from edge_inspect.vlm.tiny_gguf import build_tiny_vlm
+    from tiny_gguf import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny"))
 
@@ -403,7 +403,7 @@ def test_broken_knowledge_fails_frames_with_the_file_and_key(make_stage):
 @pytest.mark.vlm
 def test_daemon_hook_with_a_calibrated_reference(make_stage, photo_product):  # noqa: F811
     """As the daemon calls it: stage(FlaggedFrame) returns at once; the reference comes from ReferenceIndex."""
-    from edge_inspect.daemon.daemon import FlaggedFrame
+    from edge_inspect.daemon.flagged_queue import FlaggedFrame
     from edge_inspect.records import Frame
 
     stage = make_stage()

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from edge_inspect.errors import UserError  # noqa: E402
 from edge_inspect.offline import mvtec  # noqa: E402
 from edge_inspect.scorer import synth  # noqa: E402
-from edge_inspect.errors import UserError  # noqa: E402
 
 DEFAULT_MAGNETIC_TILE = REPO.parent / "shared" / "data" / "magnetic-tile"
 

@@ -21,7 +21,6 @@ from .sources import SourceError
 
 def camera_view(pixels: np.ndarray, roi: tuple[int, int, int, int] | None, resize: tuple[int, int] | None) -> np.ndarray:
     """Crop the camera ROI (x, y, w, h; clipped to the frame) and resize to (width, height)."""
-    import cv2
 
     view = pixels
     if roi is not None:

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config.capture import ReconnectConfig, ReplaySourceConfig
+from ..config.capture import ReconnectConfig
 from ..daemon.runtime_stats import RateMeter
-from .sources import EndOfStream, FrameSource, SourceError, create_source, redact_url
+from .sources import EndOfStream, FrameSource, SourceError, create_source
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,6 @@ class FrameSource(ABC):
 
 def to_bgr(frame: np.ndarray) -> np.ndarray:
     """Grayscale or BGRA frames as 3-channel BGR uint8 (what the scorer takes)."""
-    import cv2
 
     if frame.ndim == 2:
         return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
@@ -128,8 +127,6 @@ class _OpenCvSource(FrameSource):
             self._cap = None
 
     def _timeouts(self) -> list[int]:
-        import cv2
-
         return [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.reconnect.open_timeout_s * 1000),
             cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.reconnect.stall_timeout_s * 1000),
@@ -141,8 +138,6 @@ class V4l2Source(_OpenCvSource):
     config: V4l2SourceConfig
 
     def _create(self):
-        import cv2
-
         device = self.config.device
         if isinstance(device, str) and not os.path.exists(device):
             raise SourceError(f"{device} does not exist (camera unplugged? check `v4l2-ctl --list-devices`)")
@@ -201,8 +196,6 @@ class UrlSource(_OpenCvSource):
         expand_env(self.config.url)
 
     def _create(self):
-        import cv2
-
         try:
             url = expand_env(self.config.url)
         except UserError as exc:
@@ -226,8 +219,6 @@ class UrlSource(_OpenCvSource):
 
 
 def opencv_has_gstreamer() -> bool:
-    import cv2
-
     return re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()) is not None
 
 
@@ -244,8 +235,6 @@ class GStreamerSource(_OpenCvSource):
             )
 
     def _create(self):
-        import cv2
-
         return cv2.VideoCapture(self.config.pipeline, cv2.CAP_GSTREAMER)
 
     def describe(self) -> str:
@@ -280,8 +269,6 @@ class ReplaySource(FrameSource):
         return sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
     def open(self) -> None:
-        import cv2
-
         self._next_due = None
         if self.path.is_dir():
             if self._files is None:
@@ -307,8 +294,6 @@ class ReplaySource(FrameSource):
         return self._read_video()
 
     def _read_image(self) -> np.ndarray:
-        import cv2
-
         assert self._files is not None
         if self._position >= len(self._files):
             if not self.config.loop:
@@ -322,8 +307,6 @@ class ReplaySource(FrameSource):
         return image
 
     def _read_video(self) -> np.ndarray:
-        import cv2
-
         if self._cap is None:
             raise SourceError("video is not open")
         ok, frame = self._cap.read()

@@ -17,9 +17,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .reader import LatestFrame
 from ..config.capture import TriggerConfig
 from ..daemon.runtime_stats import Counters
+from .reader import LatestFrame
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """`edge-inspect bench`: scorer latency against the eager PyTorch reference of the same algorithm.
 
 Without --product a throw-away 4-shot product is calibrated from a generated dataset first. With
---vlm the VLM stage is timed too (tools/bench_vlm.py: tiny random-weight model unless --vlm-model).
+--vlm --vlm-model M.gguf the VLM stage is timed too (edge_inspect.offline.bench_vlm; for a plumbing
+check without a model, run tools/bench_vlm.py --tiny from a checkout).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", action="store_true", help="show calibration progress of the temporary product")
     p.add_argument("--vlm", action="store_true", help="also time the VLM stage (needs llama-cpp-python)")
-    p.add_argument("--vlm-model", help="VLM language model GGUF (default: the tiny random-weight model, overheads only)")
+    p.add_argument("--vlm-model", help="VLM language model GGUF (needed with --vlm)")
     p.add_argument("--vlm-mmproj", help="VLM projector GGUF (image mode)")
     p.add_argument("--vlm-frames", type=int, default=3, help="timed flagged frames per VLM mode (default 3)")
     p.set_defaults(func=run)
@@ -54,29 +55,34 @@ def _check(args) -> None:
     if args.vlm:
         import importlib.util
 
+        if not args.vlm_model:
+            raise UserError("--vlm needs --vlm-model M.gguf (and --vlm-mmproj P.gguf for image mode); for a plumbing "
+                            "check without a model run tools/bench_vlm.py --tiny from the source tree")
         if importlib.util.find_spec("llama_cpp") is None:
             raise UserError("--vlm needs llama-cpp-python: `pip install -e '.[vlm]'` (or tools/ensure_llama_wheel.sh .venv)")
 
 
 def _vlm_result(args, threads: int) -> dict:
-    from ..offline.bench import load_vlm_bench
+    from ..offline import bench_vlm
 
-    tool = load_vlm_bench()
-    argv = ["--frames", str(args.vlm_frames), "--threads", str(threads)]
-    argv += ["--model", args.vlm_model] if args.vlm_model else ["--tiny"]
+    argv = ["--frames", str(args.vlm_frames), "--threads", str(threads), "--model", args.vlm_model]
     if args.vlm_mmproj:
         argv += ["--mmproj", args.vlm_mmproj]
-    vlm_args = tool.build_parser().parse_args(argv)
-    if vlm_args.tiny:
-        vlm_args.model = None
-    return {"result": tool.run(vlm_args), "table": tool.render_table}
+    return {"result": bench_vlm.run(bench_vlm.build_parser().parse_args(argv)), "table": bench_vlm.render_table}
 
 
 def run(args) -> int:
     import tempfile
 
-    from ..offline.bench import BenchOptions, bench_product, product_frames, render_table, resolve_threads, temporary_product
     from ..imageio import list_images, read_bgr
+    from ..offline.bench import (
+        BenchOptions,
+        bench_product,
+        product_frames,
+        render_table,
+        resolve_threads,
+        temporary_product,
+    )
     from ..scorer.product import load_product
     from ._common import show_progress
 

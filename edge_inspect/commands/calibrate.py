@@ -25,9 +25,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..scorer.calibrate import calibrate_product
     from ..errors import UserError
     from ..imageio import list_images
+    from ..scorer.calibrate import calibrate_product
     from ._common import calibration_options, show_progress
 
     images = list_images(args.images)

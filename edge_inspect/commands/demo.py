@@ -42,8 +42,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..ops.demo import (DEFAULT_CATEGORY, DEFAULT_FPS, DEFAULT_FRAMES, SHORT_FPS, SHORT_FRAMES, DemoSettings,
-                        run_demo)
+    from ..ops.demo import (
+        DEFAULT_CATEGORY,
+        DEFAULT_FPS,
+        DEFAULT_FRAMES,
+        SHORT_FPS,
+        SHORT_FRAMES,
+        DemoSettings,
+        run_demo,
+    )
 
     settings = DemoSettings(
         workdir=args.workdir,

@@ -23,8 +23,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from ..ops.doctor import exit_code, format_table, run_checks, to_json, use_colour
     from ..errors import UserError
+    from ..ops.doctor import exit_code, format_table, run_checks, to_json, use_colour
 
     if not 0 < args.timeout <= 600:
         raise UserError("--timeout must be between 0 and 600 seconds")

@@ -25,9 +25,9 @@ def run(args) -> int:
     import cv2
     import numpy as np
 
+    from ..capture.geometry import scale_regions
     from ..errors import UserError
     from ..imageio import list_images, read_bgr
-    from ..capture.geometry import scale_regions
     from ..localize import find_regions, overlay
     from ..scorer.product import Scorer, load_product
 

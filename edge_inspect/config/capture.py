@@ -16,7 +16,6 @@ from ..records import NAME_PATTERN, is_product_name
 from .base import Section
 
 
-
 class V4l2SourceConfig(Section):
     type: Literal["v4l2"] = Field(description="A USB/CSI camera through the Linux V4L2 driver.")
     device: Union[int, str] = Field(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -134,8 +135,6 @@ class MqttConfig(Section):
         return self.port if self.port is not None else (8883 if self.tls.enabled else 1883)
 
     def resolved_client_id(self, station: str, hostname: str | None = None) -> str:
-        import socket
-
         return self.client_id.format(station=station, hostname=hostname or socket.gethostname())
 
     def resolve_password(self) -> tuple[str | None, str]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..scorer.backbone import BN_EPS, INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads
 from ..scorer.params import ScorerParams, gaussian_kernel_1d, parse_tap, projection_matrix
+from .weights import load_state_dict_numpy
 
 
 class SameConv(nn.Conv2d):
@@ -95,8 +96,6 @@ class EfficientNetLite0(nn.Module):
 
 
 def load_reference_backbone(weights: dict[str, np.ndarray] | None = None) -> EfficientNetLite0:
-    from .weights import load_state_dict_numpy
-
     weights = weights if weights is not None else load_state_dict_numpy()
     model = EfficientNetLite0()
     state = {k: torch.from_numpy(v) for k, v in weights.items()}

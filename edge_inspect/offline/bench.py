@@ -24,9 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import onnxruntime
 
 from ..errors import UserError
 from ..imageio import crop_roi, list_images, read_bgr, to_input
+from ..scorer.calibrate import BACKBONE_FILE, CalibrationOptions, calibrate_product, ensure_backbone
+from ..scorer.params import ScorerParams
+from ..scorer.product import Scorer
+from ..scorer.synth import CATEGORIES, generate_dataset
 
 MIN_FRAME_SIZE = 128  # generated frames are at least this big: smaller ones leave no room for a defect
 REFERENCE_EXTRA = "PyTorch is not installed: `pip install -e '.[export]'` to time the eager reference"
@@ -129,7 +134,6 @@ def _pick_reference_device(requested: str, backend_facts: dict[str, Any]) -> str
 
 def bench_product(product, frames: Sequence[np.ndarray], options: BenchOptions, source: str = "") -> dict[str, Any]:
     """Time the product's scorer and (when PyTorch is installed) the eager reference on `frames`."""
-    from ..scorer.product import Scorer
 
     if not frames:
         raise UserError("no frames to time: give --images DIR with at least one image")
@@ -216,9 +220,6 @@ def temporary_product(work_dir: str | Path, engines_dir: str | Path, category: s
     defects, so the timing runs on real, varied frames. The backbone comes from `engines_dir` (exported
     there first when missing); the product's own graphs go to `work_dir`.
     """
-    from ..scorer.calibrate import BACKBONE_FILE, CalibrationOptions, calibrate_product, ensure_backbone
-    from ..scorer.params import ScorerParams
-    from ..scorer.synth import CATEGORIES, generate_dataset
 
     if category not in CATEGORIES:
         raise UserError(f"--category {category!r}: choose one of {', '.join(CATEGORIES)}")
@@ -271,8 +272,6 @@ def _load_average() -> float | None:
 
 
 def _host_facts(load_before: float | None) -> dict[str, Any]:
-    import onnxruntime
-
     facts: dict[str, Any] = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
@@ -315,17 +314,3 @@ def render_table(result: dict[str, Any]) -> str:
     else:
         lines.append(f"reference: {result['reference_note']}")
     return "\n".join(lines)
-
-
-def load_vlm_bench(path: str | Path | None = None):
-    """tools/bench_vlm.py (run, render_table, build_parser) loaded by path: the tool lives in the source
-    tree, beside this package, and is not installed with it."""
-    import importlib.util
-
-    path = Path(path) if path else Path(__file__).resolve().parents[1] / "tools" / "bench_vlm.py"
-    if not path.is_file():
-        raise UserError(f"--vlm needs {path} (tools/ of the edge-inspect source tree); run the bench from a checkout")
-    spec = importlib.util.spec_from_file_location("edge_inspect_tools_bench_vlm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module

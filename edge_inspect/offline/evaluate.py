@@ -14,12 +14,14 @@ from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
-from ..scorer.calibrate import CalibrationOptions, calibrate_product
 from ..errors import UserError
 from ..imageio import read_bgr
-from .metrics import auroc, best_f1, binary_counts, f1_score
+from ..scorer.calibrate import CalibrationOptions, calibrate_product, ensure_backbone
 from ..scorer.product import Scorer
+from .metrics import auroc, best_f1, binary_counts, f1_score
+from .mvtec import load_dataset, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,7 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Calibrate on shot set `shot_set` (train/good images shot_set*N .. shot_set*N+N-1, in name order)
     and score every other train/good image plus test/*."""
-    from tqdm import tqdm
 
-    from .mvtec import load_dataset, read_mask
 
     dataset = load_dataset(root)
     needed = (shot_set + 1) * shots + 1
@@ -65,7 +65,6 @@ def evaluate_dataset(
         engines = Path(tmp) / "engines"
         engines.mkdir()
         shared_backbone = Path(engines_dir) / "backbone"
-        from ..scorer.calibrate import ensure_backbone
 
         ensure_backbone(engines_dir)
         (engines / "backbone").symlink_to(shared_backbone.resolve(), target_is_directory=True)

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import UserError
 
@@ -250,7 +251,6 @@ def convert_magnetic_tile(
             f"({len(unmasked)} defect image(s) without a mask); every defect image needs one"
         )
     root = prepare_output(out, overwrite)
-    from tqdm import tqdm
 
     empty_masks: list[Path] = []
     for image_path, split, defect in tqdm(jobs, desc="magnetic-tile", unit="img", disable=not progress, leave=False):

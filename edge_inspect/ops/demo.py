@@ -34,9 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+import cv2
 import numpy as np
+import yaml
 
+from ..config import AppConfig, parse_config
 from ..errors import UserError
+from ..mqtt.client import new_client
+from ..mqtt.payloads import Topics
+from ..scorer.calibrate import CalibrationOptions, backbone_path, calibrate_product, ensure_backbone
+from ..scorer.params import ScorerParams
+from ..scorer.synth import CATEGORIES, DEFECT_KINDS, generate_dataset
+from .demo_broker import ensure_broker, port_open
+from .report import load_run, parse_time, percentile, write_report
 
 STATION = "demo"
 CAMERA = "cam0"
@@ -107,7 +117,6 @@ def link_backbone(shared_engines: Path, engines: Path) -> tuple[Path, bool]:
 
     Returns (path in `engines`, whether it had to be exported now).
     """
-    from ..scorer.calibrate import backbone_path, ensure_backbone
 
     shared_engines = shared_engines.expanduser().resolve()
     exported = not backbone_path(shared_engines).is_file()
@@ -136,7 +145,6 @@ def ensure_dataset(root: Path, category: str, frames: int, seed: int) -> tuple[P
 
     Returns (the category folder, whether it was cached).
     """
-    from ..scorer.synth import DEFECT_KINDS, generate_dataset
 
     good, per_kind = dataset_needs(frames, DEFECT_KINDS)
     folder = root / category
@@ -162,7 +170,6 @@ def ensure_dataset(root: Path, category: str, frames: int, seed: int) -> tuple[P
 def plan_frames(dataset: Path, count: int, seed: int) -> list[tuple[str, Path, Path | None]]:
     """Which test images the line shows, in order: (kind, image, mask). Half of them (rounded down)
     defective, the kinds taking turns, shuffled by `seed`."""
-    from ..scorer.synth import DEFECT_KINDS
 
     good, _ = dataset_needs(count, DEFECT_KINDS)
     chosen: list[tuple[str, Path, Path | None]] = [
@@ -197,8 +204,6 @@ def write_replay(plan: list[tuple[str, Path, Path | None]], folder: Path) -> lis
 def calibrate_demo(dataset: Path, product: str, calibration_dir: Path, engines: Path, seed: int):
     """Calibrate `product` from the dataset's good training images (replacing an earlier one);
     remove the graphs of earlier demo calibrations of it from `engines`."""
-    from ..scorer.calibrate import CalibrationOptions, calibrate_product
-    from ..scorer.params import ScorerParams
 
     images = sorted((dataset / "train" / "good").glob("*.png"))
     options = CalibrationOptions(params=ScorerParams(input_size=(INPUT_SIZE, INPUT_SIZE)), seed=seed)
@@ -212,7 +217,6 @@ def calibrate_demo(dataset: Path, product: str, calibration_dir: Path, engines: 
 
 def demo_config(settings: DemoSettings, workdir: Path, product: str, protocol: str) -> dict[str, Any]:
     """The daemon config of the demo, validated against the real schema."""
-    from ..config import AppConfig, parse_config
 
     config: dict[str, Any] = {
         "station": STATION,
@@ -274,16 +278,12 @@ class Outcome:
 def judge(payload: dict[str, Any], frame: DemoFrame) -> Outcome:
     located = False
     if frame.defective and payload.get("verdict") == "NG" and frame.mask is not None:
-        import cv2
-
         mask = cv2.imread(str(frame.mask), cv2.IMREAD_GRAYSCALE)
         located = mask is not None and region_on_defect(payload.get("regions") or [], mask)
     return Outcome(frame, payload, located)
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    from .report import percentile
-
     value = percentile(values, q)
     return None if value is None else round(value, 1)
 
@@ -437,8 +437,6 @@ class ResultStream:
     """The demo's subscriber (paho 2, callback API 2): results, updates and stats of one station."""
 
     def __init__(self, host: str, port: int, protocol: str, prefix: str = TOPIC_PREFIX, station: str = STATION):
-        from ..mqtt.payloads import Topics
-
         self.host, self.port, self.protocol = host, port, protocol
         self.topics = Topics(prefix, station)
         self._inbox: queue.Queue[Message] = queue.Queue()
@@ -493,7 +491,6 @@ class ResultStream:
 
 def check_broker_choice(settings: DemoSettings) -> None:
     """UserError now, rather than after calibration, when the demo could not get a broker as asked."""
-    from .demo_broker import port_open
 
     if port_open(settings.host, settings.port):
         if settings.broker != "auto":
@@ -593,9 +590,6 @@ class _Stream:
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> int:
     """Run the demo end to end; returns the exit code (0: every frame's result arrived)."""
-    from .demo_broker import ensure_broker, port_open
-    from .report import load_run, parse_time, write_report
-    from ..scorer.synth import CATEGORIES
 
     console = console or Console(settings.json)
     if settings.category not in CATEGORIES:
@@ -661,7 +655,6 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> int:
     try:
         step(4, total, "broker", broker_text)
         config_path = workdir / "config.yaml"
-        import yaml
 
         config = demo_config(settings, workdir, product, protocol)
         config_path.write_text("# written by `edge-inspect demo`: the daemon config of this run\n"

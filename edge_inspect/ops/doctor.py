@@ -14,15 +14,28 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
+
+import numpy as np
+
+from ..capture.sources import EndOfStream, SourceError, create_source
+from ..config import load_config
+from ..errors import UserError
+from ..mqtt.client import describe_connect_error, make_client, tls_context
+from ..scorer.backends import create_backend
+from ..scorer.backends import trt_plan_cache as plan_cache
+from ..scorer.backends.trt_backend import CudaDevice, tensorrt_available
+from ..scorer.product import load_product
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -79,8 +92,6 @@ def skip(name: str, detail: str) -> CheckResult:
 
 def check_config(ctx: DoctorContext) -> Iterator[CheckResult]:
     """The config file parses and validates (everything else reads it)."""
-    from ..config import load_config
-    from ..errors import UserError
 
     try:
         ctx.config = load_config(ctx.config_path)
@@ -103,9 +114,6 @@ def check_sources(ctx: DoctorContext) -> Iterator[CheckResult]:
 
 
 def _check_source(camera: Any, timeout_s: float) -> CheckResult:
-    from ..capture.sources import EndOfStream, SourceError, create_source
-    from ..errors import UserError
-
     name = f"source {camera.name}"
     kind = camera.source.type
     fixes = {
@@ -171,7 +179,6 @@ def check_broker(ctx: DoctorContext) -> Iterator[CheckResult]:
 
 
 def _check_broker(mqtt_config: Any, station: str, timeout_s: float) -> CheckResult:
-
     name = "broker"
     broker = f"{mqtt_config.host}:{mqtt_config.broker_port}"
     password, password_source = mqtt_config.resolve_password()
@@ -254,9 +261,6 @@ def check_calibrations(ctx: DoctorContext) -> Iterator[CheckResult]:
 
 
 def _check_calibration(product: str, scoring: Any) -> Iterator[Any]:
-    from ..errors import UserError
-    from ..scorer.product import load_product
-
     name = f"calibration {product}"
     try:
         calibration = load_product(scoring.calibration_dir, product, scoring.engines_dir)
@@ -277,7 +281,6 @@ def _check_engine(calibration: Any, scoring: Any) -> CheckResult:
     name = f"engine {calibration.name}"
     if scoring.backend in ("auto", "tensorrt"):
         try:
-            from ..scorer.backends.trt_backend import tensorrt_available
 
             usable, reason = tensorrt_available()
         except ImportError as exc:
@@ -292,9 +295,7 @@ def _check_engine(calibration: Any, scoring: Any) -> CheckResult:
 
 
 def _check_onnxruntime(calibration: Any, scoring: Any, name: str) -> CheckResult:
-    import numpy as np
 
-    from ..scorer.backends import create_backend
 
     started = time.monotonic()
     try:
@@ -323,9 +324,6 @@ def _check_onnxruntime(calibration: Any, scoring: Any, name: str) -> CheckResult
 
 
 def _check_tensorrt_plan(calibration: Any, scoring: Any, name: str) -> CheckResult:
-    from ..scorer.backends import trt_plan_cache as plan_cache
-    from ..scorer.backends.trt_backend import CudaDevice
-
     device = CudaDevice(0)
     try:
         facts = device.facts()
@@ -464,7 +462,6 @@ def run_checks(config_path: str | Path, timeout_s: float = 10.0, checks: Iterabl
             name = check.__name__.removeprefix("check_")
             results.append(fail(name, f"the check itself failed: {type(exc).__name__}: {exc}",
                                 "report this as a bug (edge-inspect -vv doctor shows the traceback)"))
-            import logging
 
             logging.getLogger(__name__).debug("check %s failed", name, exc_info=True)
     return results
@@ -481,7 +478,6 @@ _COLOURS = {"ok": "\033[32m", "warn": "\033[33m", "fail": "\033[31m", "skip": "\
 
 def format_table(results: list[CheckResult], colour: bool = False, width: int | None = None) -> str:
     """Status, check and detail per line; a `fix:` line under every warning and failure."""
-    import textwrap
 
     width = width or shutil.get_terminal_size((120, 24)).columns
     name_width = max([len(r.name) for r in results] + [5])

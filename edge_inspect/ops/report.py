@@ -31,8 +31,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+import cv2
 import numpy as np
 
+from .. import __version__
 from ..errors import UserError
 
 LATENCY_STAGE = "total"  # the stage the histogram shows; the table lists every stage
@@ -370,7 +372,6 @@ class _Plot:
 
     def text(self, label: str, x: int, y: int, scale: float = 0.9, color=_INK, align: str = "left",
              valign: str = "baseline", thickness: int = 2) -> None:
-        import cv2
 
         (w, h), _ = cv2.getTextSize(label, _FONT, scale, thickness)
         x -= {"left": 0, "center": w // 2, "right": w}[align]
@@ -379,7 +380,6 @@ class _Plot:
 
     def vertical_text(self, label: str, x: int, y: int, scale: float = 0.9, color=_INK) -> None:
         """Text rotated 90 degrees (reads bottom to top), centred on (x, y)."""
-        import cv2
 
         (w, h), base = cv2.getTextSize(label, _FONT, scale, 2)
         patch = np.full((h + base + 8, w + 8, 3), 255, np.uint8)
@@ -392,7 +392,6 @@ class _Plot:
 
     def axes(self, xticks: list[tuple[float, str]], yticks: list[tuple[float, str]], xlabel: str,
              ylabel: str, title: str) -> None:
-        import cv2
 
         for value, label in yticks:
             y = self.py(value)
@@ -414,7 +413,6 @@ class _Plot:
 
     def dashed_line(self, p0: tuple[int, int], p1: tuple[int, int], color, thickness: int = 3,
                     dash: int = 18, gap: int = 12) -> None:
-        import cv2
 
         length = math.hypot(p1[0] - p0[0], p1[1] - p0[1])
         if length < 1:
@@ -428,7 +426,6 @@ class _Plot:
 
     def legend(self, items: list[tuple[str, str, tuple[int, int, int]]]) -> None:
         """Legend entries (kind 'dot' | 'dash' | 'bar' | 'text', label, colour), right-aligned above the plot."""
-        import cv2
 
         x = self.x1
         y = 40
@@ -451,8 +448,6 @@ class _Plot:
             x -= 36
 
     def png(self) -> bytes:
-        import cv2
-
         ok, buf = cv2.imencode(".png", self.image, [cv2.IMWRITE_PNG_COMPRESSION, 6])
         if not ok:
             raise RuntimeError("PNG encoding failed")
@@ -462,7 +457,6 @@ class _Plot:
 def score_timeline_png(times: list[float], scores: list[float], thresholds: list[float],
                        flagged: list[bool]) -> bytes:
     """Score of every frame over time, threshold dashed, NG in red; outliers pinned to the top."""
-    import cv2
 
     plot = _Plot()
     t0, t1 = (min(times), max(times)) if times else (time.time() - 60, time.time())
@@ -509,7 +503,6 @@ def score_timeline_png(times: list[float], scores: list[float], thresholds: list
 
 def latency_histogram_png(values_ms: list[float], stage: str = LATENCY_STAGE) -> bytes:
     """Histogram of per-frame latency with the median and 95th percentile marked."""
-    import cv2
 
     plot = _Plot()
     data = np.asarray(values_ms, np.float64)
@@ -557,7 +550,6 @@ def data_uri(data: bytes, mime: str) -> str:
 
 def _thumbnail(path: Path, width: int = THUMB_WIDTH, regions: list[dict[str, Any]] | None = None) -> str | None:
     """A JPEG data URI of an image file, downscaled to `width`; region boxes drawn when given."""
-    import cv2
 
     try:
         raw = path.read_bytes()
@@ -704,7 +696,6 @@ def render_report(
     now: float | None = None,
 ) -> str:
     """The report as one HTML string: no external resources, every image a data URI."""
-    from .. import __version__
 
     rows = run.rows
     summary = summarize(rows)

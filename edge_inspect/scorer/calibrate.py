@@ -21,14 +21,22 @@ from typing import Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
+import onnx
+import onnxruntime
+import onnxruntime as ort
+from tqdm import tqdm
 
 from .. import __version__
-from .backbone import tap_channels
 from ..errors import CalibrationError, UserError
-from ..records import is_product_name
 from ..imageio import crop_roi, read_bgr, to_input
+from ..records import is_product_name
+from .backbone import tap_channels
+from .backends.trt_compat import check_tensorrt_compat
 from .memory_bank import features_to_patches, greedy_coreset, nearest_distances
 from .params import ScorerParams, gaussian_kernel_1d, projection_matrix
+from .product import load_product
+from .scorer_graph import build_features_model, build_scorer_model, folded_from_model, save_model
+from .synth import synthetic_anomaly
 from .threshold import DEFAULT_SENSITIVITY, automatic_threshold
 
 log = logging.getLogger(__name__)
@@ -108,7 +116,7 @@ def ensure_backbone(engines_dir: str | Path) -> Path:
     if path.is_file():
         return path
     try:
-        from ..export.backbone_export import export_backbone
+        from ..export.backbone_export import export_backbone  # needs PyTorch (the export extra)
     except ImportError as exc:
         raise UserError(
             f"{path} is missing and PyTorch is not installed to export it: run `edge-inspect export-backbone` on a "
@@ -119,9 +127,7 @@ def ensure_backbone(engines_dir: str | Path) -> Path:
 
 
 def load_folded(engines_dir: str | Path) -> tuple[dict[str, np.ndarray], str]:
-    import onnx
 
-    from .scorer_graph import folded_from_model
 
     path = ensure_backbone(engines_dir)
     data = path.read_bytes()
@@ -132,9 +138,7 @@ class FeatureExtractor:
     """The feature graph in ONNX Runtime: patch features + global embedding for a batch of images."""
 
     def __init__(self, folded: dict[str, np.ndarray], params: ScorerParams, threads: int = 0) -> None:
-        import onnxruntime as ort
 
-        from .scorer_graph import build_features_model
 
         self.params = params
         self.model = build_features_model(folded, params)
@@ -198,8 +202,6 @@ def _sha256(path: Path) -> str:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
@@ -236,8 +238,6 @@ def calibrate_product(
     on_step: Callable[[str], None] | None = None,
 ):
     """Calibrate `product` from good images; returns the loaded scoring.ProductCalibration."""
-    from .scorer_graph import build_scorer_model, save_model
-    from .product import load_product
 
     options = options or CalibrationOptions()
     params = options.params
@@ -300,7 +300,6 @@ def calibrate_product(
         bar.update(1)
 
     step("synthetic anomalies")
-    from .synth import synthetic_anomaly
 
     # Synthetic anomalies in good image i, scored against the same leave-one-out bank as image i, so
     # their scores compare with the good parts' leave-one-out scores like for like.
@@ -332,7 +331,6 @@ def calibrate_product(
     engines = Path(engines_dir)
     model = build_scorer_model(folded, params, bank, metadata={"product": product, "bank_sha256": bank_sha, "threshold": repr(threshold)})
     save_model(model, engines / engine_name)
-    from .backends.trt_compat import check_tensorrt_compat
 
     for problem in check_tensorrt_compat(model):  # the same file must compile on a Jetson later
         log.warning("scorer graph may not compile with TensorRT 10: %s", problem)
@@ -398,11 +396,8 @@ def calibrate_product(
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime
-
     versions = {"numpy": np.__version__, "opencv": cv2.__version__, "onnxruntime": onnxruntime.__version__}
     try:
-        import onnx
 
         versions["onnx"] = onnx.__version__
     except ImportError:  # pragma: no cover

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
-from .backends import ScorerBackend, create_backend
 from ..errors import CalibrationError
 from ..imageio import crop_roi, read_bgr, to_input
 from ..records import ScoreResult
+from .backends import ScorerBackend, create_backend
 from .params import ScorerParams
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,6 @@ class ReferenceIndex:
     """
 
     def __init__(self, product: ProductCalibration, threads: int = 1) -> None:
-        import onnxruntime as ort
-
         ref_dir = product.directory / "references"
         self.product = product
         self.files = [ref_dir / e["file"] for e in json.loads((ref_dir / "references.json").read_text())]

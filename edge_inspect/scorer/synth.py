@@ -29,6 +29,10 @@ from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..offline.mvtec import prepare_output
 
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "crack", "hole", "stain", "foreign_patch", "missing", "color")
 
@@ -531,7 +535,6 @@ def load_photo(category: str) -> np.ndarray:
     try:
         from skimage import data as skdata  # only the dataset generator needs scikit-image
     except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
-        from ..errors import UserError
 
         raise UserError("generating datasets needs scikit-image: pip install 'edge-inspect[demo]'") from exc
     photo = np.asarray(getattr(skdata, CATEGORIES[category].photo)())
@@ -619,7 +622,6 @@ def generate_dataset(
     train/good/000.png, test/good/, test/<kind>/, ground_truth/<kind>/<stem>_mask.png. Existing
     train/, test/ and ground_truth/ folders there are replaced. Deterministic given `seed`.
     """
-    from ..offline.mvtec import prepare_output
 
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
@@ -633,7 +635,6 @@ def generate_dataset(
     others = [c for c in CATEGORIES if c != category]
     jobs: list[tuple[str, int]] = [("train", i) for i in range(n_train)] + [("good", i) for i in range(n_test_good)]
     jobs += [(kind, i) for kind in kinds for i in range(n_test_defect)]
-    from tqdm import tqdm
 
     for split, index in tqdm(jobs, desc=category, unit="img", disable=not progress, leave=False):
         rng = _image_rng(seed, category, split, index)

@@ -9,7 +9,6 @@ the product's knowledge file and the scorer's evidence, as schema-constrained JS
     runner.py     llama-cpp-python in process (used inside the worker)
     worker.py     the worker subprocess and its supervisor (timeouts, restarts)
     stage.py      bounded queue by score, decision rule, result updates
-    tiny_gguf.py  tiny random-weight test model; the cached Gemma-3-270M text model
 
 Example:
     stage = VlmStage(config.vlm, publisher, "calibration"); stage.start()

@@ -29,9 +29,12 @@ import numpy as np
 
 from ..config.vlm import VlmConfig
 from ..errors import ConfigError, UserError
+from ..mqtt.payloads import vlm_update
 from ..records import Inspection, Region, ScoreResult, Verdict
+from ..scorer.product import ReferenceIndex, load_product
 from .knowledge import Knowledge, load_knowledge
 from .prompt import PromptInputs, Reference, build_prompt, retrieve_reference
+from .runner import check_model_files
 from .schema import VerdictError, parse_verdict
 from .worker import VlmWorker, WorkerReply
 
@@ -131,7 +134,6 @@ def build_update(
 ) -> dict[str, Any]:
     """The `update` for publisher.publish_update (payloads.vlm_update's keys, plus the decision when
     the VLM may change the verdict)."""
-    from ..mqtt.payloads import vlm_update
 
     update = vlm_update(status, verdict, error)
     if decision is not None:
@@ -183,8 +185,6 @@ class VlmStage:
         self._stopping = False
         self._outstanding = 0  # accepted jobs whose update is not published yet (queued or in progress)
         if config.enabled:
-            from .runner import check_model_files
-
             check_model_files(config)  # a wrong path fails the start, not every flagged frame
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -426,7 +426,6 @@ class VlmStage:
 
     def _reference_index(self, name: str, product: Any | None) -> tuple[Any | None, str]:
         try:
-            from ..scorer.product import ReferenceIndex, load_product
 
             if product is None:
                 product = load_product(self.calibration_dir, name)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.vlm import VlmConfig
+from .runner import LlamaRunner
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
 def _child_main(conn: Any, config_json: str) -> None:
     """Entry point of the worker process: load once, then answer requests until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the daemon: the supervisor stops us
-    from .runner import LlamaRunner
 
     config = VlmConfig.model_validate_json(config_json)
     started = time.monotonic()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from . import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
 
@@ -18,8 +19,6 @@ class OrtBackend(ScorerBackend):
     OPTIONS = ("threads", "use_cuda")
 
     def __init__(self, onnx_path: str | Path, threads: int = 0, use_cuda: bool | None = None) -> None:
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 import threading
 import time
@@ -34,9 +35,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import trt_plan_cache as plan_cache
 from ...errors import UserError
+from ...imageio import read_bgr, to_input
 from . import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
+from . import trt_plan_cache as plan_cache
 
 log = logging.getLogger(__name__)
 
@@ -375,9 +377,7 @@ def _as_input(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def good_images(product) -> list[np.ndarray]:
     """The product's good reference images (stored ROI-cropped by calibrate) as graph inputs."""
-    import json
 
-    from ...imageio import read_bgr, to_input
 
     ref_dir = Path(product.directory) / "references"
     try:

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import onnx
+
 from ...errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,6 @@ def _slug(text: str) -> str:
 
 def describe_graph(onnx_path: str | Path) -> tuple[str, tuple[int, ...]]:
     """(sha256 of the ONNX file, static input shape of its single input). Reads the file once."""
-    import onnx
 
     data = Path(onnx_path).read_bytes()
     model = onnx.load_from_string(data)

@@ -3,8 +3,9 @@
 It exercises the real llama.cpp path - model loading, projector init, image encoding, grammar-
 constrained generation - in well under a second and a few hundred KB, with nothing downloaded. The
 weights are random, so its answers mean nothing; tests and `doctor` use it to check the plumbing.
-Needs the `gguf` package (a dev dependency). Layouts follow docs in
-/work/shared/design/TINY_GGUF_FACTS.md (llama.cpp as vendored in llama-cpp-python 0.3.36).
+Needs the `gguf` package (a dev dependency). The tensor names and metadata keys are the ones the
+llama.cpp vendored in llama-cpp-python 0.3.x loads (LLaMA text model, LLaVA `mlp` projector).
+A test helper (also used by tools/bench_vlm.py --tiny): it is not part of the installed package.
 
 Example:
     pair = build_tiny_vlm(tmp_path)

@@ -1,0 +1,133 @@
+"""Reload (SIGHUP) and product switch (MQTT product/set): new scorers and pipelines without a restart.
+
+`ReloadMixin` is part of `Daemon` (daemon.py). A reload keeps the MQTT session, the spool, the
+evidence store and the VLM stage (the `_RESTART_ONLY` sections); captures whose source did not
+change keep running, and an mqtt trigger is handed over with the triggers waiting in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from ..capture.reader import Capture
+from ..config import load_config
+from ..errors import ConfigError, UserError
+from ..scorer.product import Scorer, load_product
+from .pipeline import CameraPipeline
+
+log = logging.getLogger(__name__)
+
+# Config sections a SIGHUP does not apply: they hold the MQTT session, the spool, the evidence store and
+# the loaded VLM, which live as long as the process.
+_RESTART_ONLY = ("station", "mqtt", "spool", "evidence", "vlm")
+
+
+class ReloadMixin:
+    """Product switch, scorer loading and config reload of the Daemon."""
+
+    def _on_product_set(self, product: str) -> None:
+        threading.Thread(target=self._switch_product, args=(product,), name="product-switch", daemon=True).start()
+
+    def _switch_product(self, product: str) -> None:
+        with self._product_lock:
+            log.info("switching every camera to product %s (MQTT product/set)", product)
+            try:
+                scorers = {name: self._load_scorer(product) for name in list(self.pipelines)}
+            except UserError as exc:
+                self.counters.add("product_switch_errors")
+                log.error("product switch to %r refused: %s", product, exc)
+                return
+            self._product_override = product
+            with self._pipelines_lock:
+                for name, scorer in scorers.items():
+                    pipeline = self.pipelines.get(name)
+                    if pipeline is None:
+                        scorer.close()
+                    else:
+                        pipeline.swap_scorer(scorer)
+            self.counters.add("product_switches")
+
+    # --- models -------------------------------------------------------------------------------
+
+    def _load_scorer(self, product_name: str):
+        """Load a calibration and build its scorer, warmed up (the first run of a graph is slow)."""
+
+        scoring = self.config.scoring
+        product = load_product(scoring.calibration_dir, product_name, scoring.engines_dir)
+        scorer = Scorer(product, backend=scoring.backend, threads=scoring.threads, precision=scoring.precision, allow_build=scoring.allow_engine_build)
+        h, w = product.input_size
+        scorer.score(np.zeros((h, w, 3), np.uint8))
+        log.info("loaded product %s (calibration %s, threshold %.4f, %s)", product.name, product.calibration_id,
+                 product.threshold, scorer.backend.describe())
+        return scorer
+
+    # --- reload (SIGHUP) ----------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the daemon was not started from a config file")
+            return
+        self.notifier.reloading()
+        log.info("reloading %s", self.config_path)
+        try:
+            new = load_config(self.config_path)
+            changed = [key for key in _RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+            if changed:
+                log.warning("%s changes take effect at the next restart; the MQTT session, the evidence store and "
+                            "the VLM stage are kept", "/".join(changed))
+            new = new.model_copy(update={key: getattr(self.config, key) for key in _RESTART_ONLY})
+            with self._product_lock:
+                scorers = {c.name: self._load_scorer(self._product_override or c.product) for c in new.cameras}
+                for camera in new.cameras:
+                    try:
+                        Capture(camera.name, camera.source, camera.reconnect).check()
+                    except UserError:
+                        for scorer in scorers.values():
+                            scorer.close()
+                        raise
+        except (ConfigError, UserError) as exc:
+            self.counters.add("reload_errors")
+            log.error("reload refused, still running the previous config: %s", exc)
+            self.notifier.ready(status=f"reload failed: {str(exc).splitlines()[0]}")
+            return
+        deadline = time.monotonic() + new.pipeline.drain_timeout_s
+        with self._pipelines_lock:
+            old_pipelines = dict(self.pipelines)
+        replaced: dict[str, CameraPipeline] = {}
+        for camera in new.cameras:
+            old = old_pipelines.pop(camera.name, None)
+            keep_capture = old is not None and (old.config.source, old.config.reconnect) == (camera.source, camera.reconnect)
+            # An mqtt trigger is handed over with the triggers still waiting in it.
+            keep_trigger = (old is not None and keep_capture and old.config.trigger == camera.trigger
+                            and camera.trigger.mode == "mqtt")
+            if old is not None:
+                old.drain(deadline)
+                old.close_scorer()
+                if not keep_capture:
+                    old.capture.stop()
+            pipeline = CameraPipeline(
+                new.station, camera, new.pipeline, scorers[camera.name], self.publisher, self.flagged,
+                capture=old.capture if keep_capture else Capture(camera.name, camera.source, camera.reconnect, on_state=self._on_capture_state),
+                trigger=old.trigger if keep_trigger else None,
+                stats=old.stats if old is not None else None,
+                evidence=self.evidence,
+            )
+            if keep_trigger:
+                pipeline.trigger.last_seq = old.trigger.last_seq
+            pipeline.start(start_capture=not keep_capture)
+            replaced[camera.name] = pipeline
+        for gone in old_pipelines.values():
+            log.info("camera %s is no longer in the config: stopping it", gone.name)
+            gone.capture.stop()
+            gone.drain(deadline)
+            gone.close_scorer()
+        with self._pipelines_lock:
+            self.pipelines = replaced
+        self.config = new
+        self.counters.add("reloads")
+        log.info("reloaded: %s", ", ".join(f"{p.name} [{p.product_name}]" for p in replaced.values()))
+        self.notifier.ready(status=self.status_line())
