@@ -29,7 +29,8 @@ mqtt mqtt.client mqtt.dispatch mqtt.publisher mqtt.spool mqtt.payloads mqtt.list
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
 daemon.sdnotify
 offline offline.evaluate offline.mvtec offline.metrics offline.bench offline.bench_vlm
-ops ops.doctor ops.report ops.demo ops.demo_broker
+ops ops.doctor ops.report ops.report.load ops.report.summary ops.report.plot ops.report.html
+ops.demo ops.demo.data ops.demo.stream ops.demo.run ops.demo_broker
 export export.backbone_export export.reference export.weights
 commands
 """.split()
