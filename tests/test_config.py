@@ -274,3 +274,19 @@ def test_run_without_the_calibrated_product_exits_2_with_the_fix(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "edge-inspect calibrate --product widget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_deprecated_vlm_queue_size_is_read_as_the_one_flagged_frame_queue(caplog):
+    """vlm.queue_size (a second queue behind the flagged-frame queue) became pipeline.flagged_queue_size:
+    N frames waiting + the one being explained."""
+    import json
+
+    from edge_inspect.config import parse_config
+
+    base = {"station": "s1", "cameras": [{"name": "cam0", "product": "p", "source": {"type": "replay", "path": "f"}}]}
+    with caplog.at_level("WARNING"):
+        config = parse_config(json.dumps({**base, "vlm": {"queue_size": 3}}))
+    assert config.pipeline.flagged_queue_size == 4 and "vlm.queue_size is deprecated" in caplog.text
+    both = parse_config(json.dumps({**base, "vlm": {"queue_size": 3}, "pipeline": {"flagged_queue_size": 7}}))
+    assert both.pipeline.flagged_queue_size == 7
+    assert parse_config(json.dumps(base)).pipeline.flagged_queue_size == 5

@@ -408,7 +408,7 @@ def test_flagged_frames_reach_the_sink_without_ever_blocking_the_scorer(tmp_path
     from edge_inspect.mqtt.payloads import vlm_update
     from edge_inspect.records import Verdict
 
-    write_frames(tmp_path / "frames", product, 4, defect_every=1)  # every frame is flagged
+    write_frames(tmp_path / "frames", product, 1, defect_every=1)  # one flagged frame, looped: equal scores
     config = load_config(write_config(
         tmp_path, product, mosquitto_broker.port,
         source={"type": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True},
@@ -486,10 +486,10 @@ def test_ng_results_carry_evidence_and_get_exactly_one_vlm_update(tmp_path, prod
         tmp_path, product, mosquitto_broker.port,
         source={"type": "replay", "path": str(tmp_path / "frames"), "fps": 0},
         trigger={"mode": "every_frame"},
-        pipeline={"flagged_queue_size": 8, "drain_timeout_s": 25},
+        pipeline={"flagged_queue_size": 9, "drain_timeout_s": 25},
         evidence={"dir": "evidence"},  # relative: under the daemon's working directory (tmp_path)
         vlm={"enabled": True, "model": str(tiny_vlm.model), "mmproj": str(tiny_vlm.mmproj), "n_ctx": 8192,
-             "n_threads": 1, "max_tokens": 1500, "timeout_s": 30, "queue_size": 8, "restart_backoff_s": 0.1,
+             "n_threads": 1, "max_tokens": 1500, "timeout_s": 30, "restart_backoff_s": 0.1,
              "allow_downgrade": True, "downgrade_min_confidence": 0.0},
     )
     update_topic = f"{PREFIX}/{STATION}/result/update"
@@ -552,7 +552,7 @@ def test_sighup_with_the_vlm_on_keeps_the_stage_and_every_pending_result_gets_on
     write_frames(tmp_path / "frames", product, 4, defect_every=2)
     source = {"type": "replay", "path": str(tmp_path / "frames"), "fps": 8, "loop": True}
     vlm = {"enabled": True, "model": str(tiny_vlm.model), "mmproj": str(tiny_vlm.mmproj), "n_ctx": 8192,
-           "n_threads": 1, "max_tokens": 1500, "timeout_s": 30, "queue_size": 4, "restart_backoff_s": 0.1}
+           "n_threads": 1, "max_tokens": 1500, "timeout_s": 30, "restart_backoff_s": 0.1}
     settings = dict(source=source, trigger={"mode": "every_frame"}, evidence={"dir": "evidence"}, vlm=vlm)
     config = write_config(tmp_path, product, mosquitto_broker.port, **settings)
     update_topic = f"{PREFIX}/{STATION}/result/update"
@@ -563,7 +563,7 @@ def test_sighup_with_the_vlm_on_keeps_the_stage_and_every_pending_result_gets_on
         assert wait_until(lambda: any(u["vlm_status"] == "done" for u in updates()), 30), daemon.log
 
         write_config(tmp_path, product, mosquitto_broker.port, camera_product="brick-b",
-                     **{**settings, "vlm": {**vlm, "queue_size": 2}})
+                     **{**settings, "vlm": {**vlm, "max_tokens": 1400}})
         daemon.send(signal.SIGHUP)
         assert daemon.wait_log(r"vlm changes take effect at the next restart"), daemon.log
         after = lambda: {r["inspection_id"] for r in results(collector) if r["product"] == "brick-b" and r["verdict"] == "NG"}

@@ -1,4 +1,5 @@
-"""The VLM stage: queue policy, decision rule, updates, and a real worker process that crashes and hangs."""
+"""The VLM stage behind the one flagged-frame queue: queue policy, decision rule, updates, and a real worker process
+that crashes and hangs."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from test_vlm_prompt import photo_product  # noqa: F401 - fixture: a product cal
 from edge_inspect.config.vlm import VlmConfig
 from edge_inspect.errors import ConfigError
 from edge_inspect.records import Inspection, Region, ScoreResult, Verdict, new_inspection_id
-from edge_inspect.vlm.stage import Decision, ScoreQueue, VlmStage, build_update, decide
+from edge_inspect.daemon.flagged_queue import FlaggedFrame, FlaggedQueue
+from edge_inspect.records import Frame
+from edge_inspect.vlm.stage import Decision, VlmStage, build_update, decide
 from edge_inspect.vlm.worker import backoff_delay, hard_timeout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,30 +34,59 @@ NO_LLAMA = "llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)"
 # --- pure parts ------------------------------------------------------------------------------------
 
 
+def _flagged(score: float, published: list) -> FlaggedFrame:
+    inspection = _inspection(score)
+    frame = Frame(frame_id=1, timestamp=time.time(), source="cam0", pixels=np.zeros((4, 4, 3), np.uint8))
+    return FlaggedFrame(inspection=inspection, frame=frame, view=frame.pixels, score=_score(score), product=None,
+                        publish_update=lambda update: published.append((score, update)))
+
+
+def _offer(queue: FlaggedQueue, score: float, published: list) -> bool:
+    if not queue.reserve(score):
+        return False
+    queue.put(_flagged(score, published))
+    return True
+
+
 def test_queue_keeps_the_highest_scores_and_serves_the_highest_first():
-    queue = ScoreQueue(3)
-    assert queue.offer("s1", 1.0) == (True, None)
-    assert queue.offer("s5", 5.0) == (True, None)
-    assert queue.offer("s3", 3.0) == (True, None)
-    assert queue.offer("s4", 4.0) == (True, "s1")  # full: the lowest leaves
-    assert queue.offer("s2", 2.0) == (False, None)  # lower than everything queued
-    assert queue.offer("s3b", 3.0) == (False, None)  # ties keep the frame that came first
-    assert [queue.take(0), queue.take(0), queue.take(0), queue.take(0)] == ["s5", "s4", "s3", None]
+    served, published, gate = [], [], threading.Event()
+
+    def sink(item):
+        gate.wait(5)
+        served.append(item.score.score)
+
+    queue = FlaggedQueue(4, sink)  # one in the sink + three waiting
+    queue.start()
+    assert _offer(queue, 9.0, published)
+    deadline = time.monotonic() + 5
+    while queue.depth() != 1 or queue._current is None:  # the sink holds 9.0
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [_offer(queue, s, published) for s in (1.0, 5.0, 3.0)] == [True, True, True]
+    assert _offer(queue, 4.0, published)  # full: the lowest (1.0) leaves with a skipped update
+    assert not _offer(queue, 2.0, published)  # lower than everything queued
+    assert not _offer(queue, 3.0, published)  # ties keep the frame that came first
+    assert published == [(1.0, {"vlm_status": "skipped", "error": "flagged-frame queue full "
+                                "(pipeline.flagged_queue_size=4): a higher-scoring frame took its place"})]
+    gate.set()
+    deadline = time.monotonic() + 5
+    while queue.outstanding():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert served == [9.0, 5.0, 4.0, 3.0]
+    counts = queue.counters.snapshot()
+    assert (counts["offered"], counts["skipped"], counts["evicted"], counts["explained"]) == (5, 2, 1, 4)
+    queue.close(time.monotonic() + 1)
 
 
-def test_closed_queue_hands_back_what_was_left_and_accepts_nothing():
-    queue = ScoreQueue(4)
-    queue.offer("a", 1.0)
-    queue.offer("b", 2.0)
-    assert queue.close() == ["b", "a"]
-    assert queue.offer("c", 9.0) == (False, None)
-    assert queue.take(None) is None  # closed and empty: does not block
-
-
-def test_take_blocks_until_an_item_arrives():
-    queue = ScoreQueue(1)
-    threading.Timer(0.05, queue.offer, args=("late", 1.0)).start()
-    assert queue.take(5.0) == "late"
+def test_closed_queue_skips_what_was_left_and_accepts_nothing():
+    published, gate = [], threading.Event()
+    queue = FlaggedQueue(4, lambda item: gate.wait(5))
+    _offer(queue, 1.0, published)
+    _offer(queue, 2.0, published)  # not started: both wait
+    queue.close(time.monotonic())
+    assert [s for s, u in published] == [2.0, 1.0] and {u["vlm_status"] for s, u in published} == {"skipped"}
+    assert not queue.reserve(9.0) and queue.outstanding() == 0
 
 
 def test_decision_rule_default_reports_both_and_the_scorer_decides():
@@ -102,7 +134,7 @@ def test_a_stage_that_is_not_running_skips_and_says_so(tmp_path):
     updates = Updates()
     stage = VlmStage(VlmConfig(), publisher=None, calibration_dir=tmp_path)
     inspection = _inspection(3.0)
-    assert stage.submit(inspection, _frame(), _score(3.0), inspection.regions, publish_update=updates.sink(inspection)) is False
+    assert stage.explain(inspection, _frame(), _score(3.0), inspection.regions, publish_update=updates.sink(inspection)) == "skipped"
     assert updates.only(inspection)["vlm_status"] == "skipped"
     assert "not running" in updates.only(inspection)["error"]
 
@@ -186,7 +218,7 @@ def calibration(tmp_path):
 def _config(tiny, **changes) -> VlmConfig:
     values = dict(
         enabled=True, model=str(tiny.model), mmproj=str(tiny.mmproj), n_ctx=8192, n_threads=1, max_tokens=1500,
-        timeout_s=60, restart_backoff_s=0.1, queue_size=2,
+        timeout_s=60, restart_backoff_s=0.1,
     )
     values.update(changes)
     return VlmConfig(**values)
@@ -196,10 +228,11 @@ def _config(tiny, **changes) -> VlmConfig:
 def make_stage(tiny, calibration):
     stages = []
 
-    def make(**changes) -> VlmStage:
+    def make(queue_size: int = 3, **changes) -> VlmStage:
         stage = VlmStage(_config(tiny, **changes), publisher=None, calibration_dir=calibration)
         stages.append(stage)
         stage.start()
+        stage.queue = _queue(stage, queue_size)
         assert stage.worker.wait_ready(60), stage.worker.state()
         return stage
 
@@ -208,7 +241,21 @@ def make_stage(tiny, calibration):
         pid = stage.worker.pid
         if pid:
             _signal(pid, signal.SIGCONT)
-        stage.stop(timeout=5)
+        _stop(stage, 5)
+
+
+def _queue(stage: VlmStage, capacity: int) -> FlaggedQueue:
+    """The daemon's flagged-frame queue in front of the stage (capacity: waiting + the one explained)."""
+    queue = FlaggedQueue(capacity, stage)
+    queue.start()
+    return queue
+
+
+def _stop(stage: VlmStage, timeout: float) -> None:
+    """As the daemon stops: queued frames skipped, then the worker (the frame in progress fails)."""
+    stage.queue.close(time.monotonic() + timeout, abandon_current=False)
+    stage.stop(timeout=timeout)
+    stage.queue.join(time.monotonic() + 5)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -218,10 +265,15 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _submit(stage, updates, score):
+def _submit(stage, updates, score, pixels=None):
+    """Offer a flagged frame as the daemon's pipeline does: reserve a slot, then hand the frame over."""
     inspection = _inspection(score)
-    accepted = stage.submit(inspection, _frame(), _score(score), inspection.regions, publish_update=updates.sink(inspection))
-    return inspection, accepted
+    if not stage.queue.reserve(score):
+        return inspection, False  # the daemon publishes such a result with vlm_status "skipped"
+    frame = Frame(frame_id=1, timestamp=time.time(), source="cam0", pixels=_frame() if pixels is None else pixels)
+    stage.queue.put(FlaggedFrame(inspection=inspection, frame=frame, view=frame.pixels, score=_score(score),
+                                 product=None, publish_update=updates.sink(inspection)))
+    return inspection, True
 
 
 def _wait_busy(stage, timeout=30.0):
@@ -256,7 +308,7 @@ def test_allow_downgrade_updates_carry_the_decision_the_rule_makes(make_stage):
     decides (min confidence 0: any "no defect" downgrades), and the payload fits the schema."""
     from edge_inspect.mqtt.payloads import update_payload
 
-    stage = make_stage(allow_downgrade=True, downgrade_min_confidence=0.0, queue_size=4)
+    stage = make_stage(allow_downgrade=True, downgrade_min_confidence=0.0, queue_size=5)
     updates = Updates()
     sent = [_submit(stage, updates, score)[0] for score in (3.0, 4.0, 5.0)]
     for inspection in sent:
@@ -272,7 +324,7 @@ def test_allow_downgrade_updates_carry_the_decision_the_rule_makes(make_stage):
 
 @pytest.mark.vlm
 def test_full_queue_keeps_the_highest_scoring_frames(make_stage):
-    stage = make_stage(queue_size=2)
+    stage = make_stage(queue_size=3)  # one being explained + two waiting
     updates = Updates()
     pid = stage.worker.pid
     _signal(pid, signal.SIGSTOP)  # the worker holds the first frame; the queue behind it fills
@@ -285,15 +337,16 @@ def test_full_queue_keeps_the_highest_scoring_frames(make_stage):
         lower, ok_lower = _submit(stage, updates, 2.2)  # below everything queued
         assert (ok_low, ok_high, ok_mid, ok_lower) == (True, True, True, False)
         assert updates.only(low)["vlm_status"] == "skipped" and "higher-scoring frame took its place" in updates.only(low)["error"]
-        assert updates.only(lower)["vlm_status"] == "skipped" and "queue full" in updates.only(lower)["error"]
+        assert lower.inspection_id not in updates.by_id  # not taken: its result says skipped
     finally:
         _signal(pid, signal.SIGCONT)
     for inspection in (first, high, mid):
         assert updates.wait(inspection)["vlm_status"] == "done"
     assert updates.order.index(high.inspection_id) < updates.order.index(mid.inspection_id)  # highest first
     assert all(len(v) == 1 for v in updates.by_id.values())
-    state = stage.state()
-    assert (state["submitted"], state["accepted"], state["skipped"], state["done"]) == (5, 4, 2, 3)
+    state, counts = stage.state(), stage.queue.counters.snapshot()
+    assert (state["submitted"], state["accepted"], state["done"]) == (3, 3, 3)
+    assert (counts["offered"], counts["skipped"], counts["evicted"]) == (4, 1, 1)
 
 
 @pytest.mark.vlm
@@ -312,7 +365,7 @@ def test_worker_killed_mid_request_fails_that_frame_and_the_next_is_served(make_
     assert updates.wait(survivor)["vlm_status"] == "done"
     worker = stage.worker.state()
     assert worker["deaths"] == 1 and worker["starts"] == 2 and worker["pid"] != pid
-    assert stage._thread.is_alive()
+    assert stage.queue._thread.is_alive()
 
 
 @pytest.mark.vlm
@@ -324,8 +377,7 @@ def test_stuck_worker_times_out_is_killed_and_replaced(make_stage):
     _signal(pid, signal.SIGSTOP)  # hangs like a worker stuck in native code
     # a noise frame makes a request of megabytes, more than the socket buffer: sending it blocks too
     noise = np.random.default_rng(0).integers(0, 256, (1600, 1600, 3), dtype=np.uint8)
-    stuck = _inspection(4.0)
-    stage.submit(stuck, noise, _score(4.0), stuck.regions, publish_update=updates.sink(stuck))
+    stuck, _ = _submit(stage, updates, 4.0, pixels=noise)
     update = updates.wait(stuck, timeout=30)
     assert update == {"vlm_status": "failed", "error": "timeout after 1 s (worker unresponsive, killed)"}
     nxt, _ = _submit(stage, updates, 4.0)
@@ -335,17 +387,17 @@ def test_stuck_worker_times_out_is_killed_and_replaced(make_stage):
 
 @pytest.mark.vlm
 def test_stop_skips_queued_frames_and_fails_the_one_in_progress(make_stage):
-    stage = make_stage(queue_size=4)
+    stage = make_stage(queue_size=5)
     updates = Updates()
     _signal(stage.worker.pid, signal.SIGSTOP)
     running, _ = _submit(stage, updates, 5.0)
     _wait_busy(stage)
     queued, _ = _submit(stage, updates, 4.0)
-    stage.stop(timeout=0.5)
+    _stop(stage, 0.5)
     assert updates.only(queued)["vlm_status"] == "skipped"
     assert updates.only(running) == {"vlm_status": "failed", "error": "vlm stage stopping"}
     late, accepted = _submit(stage, updates, 9.0)
-    assert not accepted and updates.only(late)["vlm_status"] == "skipped"
+    assert not accepted and late.inspection_id not in updates.by_id
 
 
 def test_wrong_model_files_stop_the_stage_at_start(tmp_path):
@@ -378,6 +430,7 @@ def test_a_model_llama_cpp_cannot_load_fails_frames_with_the_reason(tiny, calibr
     truncated.write_bytes(tiny.model.read_bytes()[:60_000])  # metadata intact, tensor data cut off
     stage = VlmStage(_config(tiny, model=str(truncated), restart_backoff_s=30), publisher=None, calibration_dir=calibration)
     stage.start()
+    stage.queue = _queue(stage, 3)
     try:
         updates = Updates()
         inspection, _ = _submit(stage, updates, 3.0)
@@ -386,7 +439,7 @@ def test_a_model_llama_cpp_cannot_load_fails_frames_with_the_reason(tiny, calibr
         assert update["error"].startswith("model load failed: llama.cpp could not load vlm.model"), update
         assert stage.worker.state()["consecutive_failures"] >= 1
     finally:
-        stage.stop(timeout=5)
+        _stop(stage, 5)
 
 
 @pytest.mark.vlm
@@ -402,10 +455,7 @@ def test_broken_knowledge_fails_frames_with_the_file_and_key(make_stage):
 
 @pytest.mark.vlm
 def test_daemon_hook_with_a_calibrated_reference(make_stage, photo_product):  # noqa: F811
-    """As the daemon calls it: stage(FlaggedFrame) returns at once; the reference comes from ReferenceIndex."""
-    from edge_inspect.daemon.flagged_queue import FlaggedFrame
-    from edge_inspect.records import Frame
-
+    """As the flagged-frame queue calls it: stage(FlaggedFrame) explains it; the reference comes from ReferenceIndex."""
     stage = make_stage()
     stage.calibration_dir = photo_product.directory.parent  # the product's calibration folder
     updates = Updates()

@@ -12,13 +12,14 @@ systemd credential (see the `mqtt` section). `config_json_schema()` feeds docs/c
 from __future__ import annotations
 
 import difflib
+import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from .base import Section
@@ -38,6 +39,8 @@ from .evidence import EvidenceConfig
 from .mqtt import MqttConfig, SpoolConfig
 from .scoring import ScoringConfig
 from .vlm import VlmConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AppConfig",
@@ -85,6 +88,32 @@ class AppConfig(Section):
         default_factory=VlmConfig,
         description="The vision-language model that explains flagged frames; off by default.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_vlm_queue_size(cls, data: Any) -> Any:
+        """vlm.queue_size (frames waiting for the VLM, in a second queue behind the flagged-frame queue)
+        became pipeline.flagged_queue_size, the one queue: N waiting + the one being explained = N + 1."""
+        vlm = data.get("vlm") if isinstance(data, dict) else None
+        if not isinstance(vlm, dict) or "queue_size" not in vlm:
+            return data
+        data = dict(data)
+        vlm = dict(vlm)
+        old = vlm.pop("queue_size")
+        data["vlm"] = vlm
+        pipeline = data.get("pipeline")
+        pipeline = dict(pipeline) if isinstance(pipeline, dict) else {}
+        if "flagged_queue_size" in pipeline:
+            log.warning("vlm.queue_size is deprecated and ignored: pipeline.flagged_queue_size (%s) is the one "
+                        "flagged-frame queue; remove vlm.queue_size", pipeline["flagged_queue_size"])
+        elif isinstance(old, int) and not isinstance(old, bool):
+            pipeline["flagged_queue_size"] = old + 1
+            data["pipeline"] = pipeline
+            log.warning("vlm.queue_size is deprecated: read as pipeline.flagged_queue_size: %d (%d waiting + the one "
+                        "being explained); write that instead", old + 1, old)
+        else:
+            raise ValueError(f"vlm.queue_size (deprecated; use pipeline.flagged_queue_size): {old!r} is not an integer")
+        return data
 
     @field_validator("cameras")
     @classmethod

@@ -196,9 +196,11 @@ class PipelineConfig(Section):
         description="Frames waiting for the scorer per camera. Small on purpose: the pipeline works on the newest frame, never a backlog.",
     )
     flagged_queue_size: int = Field(
-        8, ge=1, le=1024,
-        description="Flagged frames waiting for the explanation stage (VLM); when full a new flagged frame is "
-        "published with vlm_status=skipped and counted, so the scorer never waits.",
+        5, ge=1, le=1024,
+        description="Flagged frames held for the explanation stage (VLM), the one being explained included. When "
+        "full, the highest-scoring frames are kept: a new flagged frame takes the place of a lower-scoring queued one "
+        "(that one's update says skipped) or is published with vlm_status=skipped and counted; the scorer never waits. "
+        "Replaces vlm.queue_size (still read: N there means N + 1 here).",
     )
     drain_timeout_s: float = Field(
         10.0, gt=0, le=600,

@@ -86,13 +86,6 @@ class VlmConfig(Section):
     load_timeout_s: float = Field(
         300.0, gt=0, le=3600, description="Limit for loading the model into a fresh worker process."
     )
-    queue_size: int = Field(
-        4,
-        ge=1,
-        le=1000,
-        description="Flagged frames waiting for the VLM. When full, the highest-scoring frames are kept "
-        "and the others get `vlm_status: skipped`.",
-    )
     image_max_side: int = Field(
         672, ge=64, le=4096, description="The frame and the reference are downscaled to this longest side."
     )

@@ -211,10 +211,13 @@ class Daemon(ReloadMixin, HealthMixin):
         if left:
             log.warning("stopped with %d frame(s) not inspected (drain_timeout_s %g reached)", left, drain)
         if self.flagged is not None:
-            self.flagged.close(deadline)
+            # Queued frames get "skipped"; the one being explained may finish until the deadline (the
+            # VLM stage's own answer when it is the sink: stopping its worker fails that frame).
+            self.flagged.close(deadline, abandon_current=self.vlm_stage is None)
         if self.vlm_stage is not None:
-            # Queued frames get "skipped"; the one being explained may finish until the deadline.
             self.vlm_stage.stop(timeout=max(1.0, deadline - time.monotonic()))
+            if self.flagged is not None:
+                self.flagged.join(time.monotonic() + 5.0)  # its last update goes out before the publisher stops
         if self.publisher is not None:
             self._publish_stats()
             self.publisher.stop(timeout=max(1.0, deadline - time.monotonic()))

@@ -13,10 +13,9 @@ Example:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -38,6 +37,7 @@ class FlaggedFrame:
     score: ScoreResult  # anomaly map at the scorer's input resolution
     product: Any  # scoring.ProductCalibration of the scorer that flagged it
     publish_update: Callable[[dict], bool]  # publishes .../result/update for this id; only the first call counts
+    queued_at: float = field(default_factory=time.monotonic)  # when it was offered to the queue
 
 
 # The hook the VLM stage implements: called on the daemon's flagged-frame thread, one item at a time;
@@ -76,63 +76,105 @@ class UpdateOnce:
 
 
 class FlaggedQueue:
-    """A bounded queue in front of the FlaggedSink. `reserve()` never waits: full means skipped."""
+    """The one bounded queue in front of the FlaggedSink (the VLM stage): `reserve()` never waits.
+
+    `capacity` (pipeline.flagged_queue_size) counts every flagged frame held: reserved, queued and
+    the one in the sink. When full, a frame that scores higher than the lowest queued one takes its
+    place (that one gets a `skipped` update); otherwise the new frame is skipped (its result says
+    vlm_status "skipped"). The sink is served highest score first, oldest among equals.
+    """
 
     def __init__(self, capacity: int, sink: FlaggedSink):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self._sink = sink
-        self._slots = threading.Semaphore(capacity)
-        self._items: queue.Queue[FlaggedFrame | None] = queue.Queue()
-        self.counters = Counters("offered", "skipped", "explained", "sink_errors", "abandoned")
+        self._cond = threading.Condition()
+        self._items: list[tuple[float, int, FlaggedFrame]] = []  # (score, arrival, item)
+        self._arrivals = 0
+        self._reserved = 0  # slots taken by reserve() whose item is not put yet
+        self._closed = False
+        self.counters = Counters("offered", "skipped", "evicted", "explained", "sink_errors", "abandoned")
         self._thread = threading.Thread(target=self._run, name="flagged-sink", daemon=True)
         self._busy = False
         self._current: FlaggedFrame | None = None
-        self._reserved = 0  # slots taken and not yet released (reserved, queued or in the sink)
-        self._reserved_lock = threading.Lock()
         self.last_beat = time.monotonic()
 
     def start(self) -> None:
         self._thread.start()
 
-    def reserve(self) -> bool:
-        if self._slots.acquire(blocking=False):
-            with self._reserved_lock:
+    def reserve(self, score: float = float("inf")) -> bool:
+        """Take a slot for a flagged frame scoring `score` (before its result is published)."""
+        evicted = None
+        with self._cond:
+            accepted = not self._closed
+            if accepted and self._reserved + len(self._items) + int(self._busy) >= self.capacity:
+                # lowest score, newest among equals, leaves first
+                lowest = min(self._items, key=lambda e: (e[0], -e[1]), default=None)
+                if lowest is not None and float(score) > lowest[0]:
+                    self._items.remove(lowest)
+                    evicted = lowest[2]
+                else:
+                    accepted = False
+            if accepted:
                 self._reserved += 1
-            self.counters.add("offered")
-            return True
-        self.counters.add("skipped")
-        return False
+        if evicted is not None:
+            self.counters.add("evicted")
+            _safe_update(evicted, {"vlm_status": "skipped", "error": f"flagged-frame queue full (pipeline.flagged_queue_size="
+                                   f"{self.capacity}): a higher-scoring frame took its place"})
+        self.counters.add("offered" if accepted else "skipped")
+        return accepted
 
     def release(self) -> None:
-        with self._reserved_lock:
+        """Give back a reserved slot whose item will not be put (its result was not published)."""
+        with self._cond:
             self._reserved -= 1
-        self._slots.release()
+            self._cond.notify_all()
 
     def outstanding(self) -> int:
-        """Items reserved and not yet handed to the sink (or still in it); 0 = idle."""
-        with self._reserved_lock:
-            return self._reserved
+        """Flagged frames reserved, queued or in the sink; 0 = idle."""
+        with self._cond:
+            return self._reserved + len(self._items) + int(self._busy)
 
     def put(self, item: FlaggedFrame) -> None:
-        self._items.put(item)
+        with self._cond:
+            self._reserved -= 1
+            closed = self._closed
+            if not closed:
+                self._arrivals += 1
+                self._items.append((float(item.score.score), self._arrivals, item))
+                self._cond.notify_all()
+        if closed:
+            self.counters.add("abandoned")
+            _safe_update(item, {"vlm_status": "skipped", "error": "the daemon stopped before the explanation stage ran"})
 
     def depth(self) -> int:
-        return self._items.qsize() + int(self._busy)
+        with self._cond:
+            return len(self._items) + int(self._busy)
 
     def hung(self, now: float, limit: float) -> bool:
         """The queue's thread made no progress for `limit` seconds while idle (a sink may take long)."""
         return self._thread.is_alive() and not self._busy and now - self.last_beat > limit
 
+    def _take(self) -> FlaggedFrame | None:
+        """The highest-scoring item, marked busy; None when closed and empty."""
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return None
+                self._cond.wait(0.5)
+                self.last_beat = time.monotonic()
+            best = max(self._items, key=lambda e: (e[0], -e[1]))
+            self._items.remove(best)
+            self._busy, self._current = True, best[2]
+            return best[2]
+
     def _run(self) -> None:
         while True:
             self.last_beat = time.monotonic()
-            try:
-                item = self._items.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            item = self._take()
             if item is None:
                 return
-            self._busy, self._current = True, item
             try:
                 self._sink(item)
                 self.counters.add("explained")
@@ -141,30 +183,32 @@ class FlaggedQueue:
                 log.exception("the flagged-frame sink failed on inspection %s", item.inspection.inspection_id)
                 _safe_update(item, {"vlm_status": "failed", "error": "the explanation stage raised an error (see the daemon log)"})
             finally:
-                self._busy, self._current = False, None
-                self.release()
+                with self._cond:
+                    self._busy, self._current = False, None
+                    self._cond.notify_all()
 
-    def close(self, deadline: float) -> None:
-        """Let the item in progress finish until `deadline`; items not started get vlm_status skipped."""
-        abandoned: list[FlaggedFrame] = []
-        while True:
-            try:
-                item = self._items.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                abandoned.append(item)
+    def close(self, deadline: float, abandon_current: bool = True) -> None:
+        """Items not started get vlm_status skipped; the item in progress may finish until `deadline`,
+        after that it gets skipped too (unless abandon_current is False: its sink answers, see join())."""
+        with self._cond:
+            self._closed = True
+            abandoned = [e[2] for e in sorted(self._items, key=lambda e: (-e[0], e[1]))]
+            self._items.clear()
+            self._cond.notify_all()
         for item in abandoned:
             self.counters.add("abandoned")
             _safe_update(item, {"vlm_status": "skipped", "error": "the daemon stopped before the explanation stage ran"})
-        self._items.put(None)
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.join(deadline)
         current = self._current
-        if self._thread.is_alive() and current is not None:
+        if abandon_current and self._thread.is_alive() and current is not None:
             self.counters.add("abandoned")
             log.warning("stopping while inspection %s is being explained; its update says skipped",
                         current.inspection.inspection_id)
             _safe_update(current, {"vlm_status": "skipped", "error": "the daemon stopped during the explanation"})
+
+    def join(self, deadline: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _safe_update(item: FlaggedFrame, update: dict) -> None:

@@ -274,7 +274,7 @@ class CameraPipeline:
             mark = time.monotonic()
             regions = self._regions_in_frame(result, product, view.shape[:2], frame.pixels.shape[:2])
             latency["localize"] = (time.monotonic() - mark) * 1000.0
-            reserved = self.flagged is not None and self.flagged.reserve()
+            reserved = self.flagged is not None and self.flagged.reserve(float(result.score))
         latency["total"] = (time.monotonic() - work.grabbed_monotonic) * 1000.0
 
         inspection = Inspection(

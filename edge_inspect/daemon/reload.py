@@ -76,6 +76,8 @@ class ReloadMixin:
         try:
             new = load_config(self.config_path)
             changed = [key for key in _RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+            if new.pipeline.flagged_queue_size != self.config.pipeline.flagged_queue_size:
+                changed.append("pipeline.flagged_queue_size")  # the flagged-frame queue lives as long as the process
             if changed:
                 log.warning("%s changes take effect at the next restart; the MQTT session, the evidence store and "
                             "the VLM stage are kept", "/".join(changed))

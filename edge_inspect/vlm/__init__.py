@@ -8,11 +8,12 @@ the product's knowledge file and the scorer's evidence, as schema-constrained JS
     schema.py     verdict JSON Schema, GBNF grammar, parsing into records.Verdict
     runner.py     llama-cpp-python in process (used inside the worker)
     worker.py     the worker subprocess and its supervisor (timeouts, restarts)
-    stage.py      bounded queue by score, decision rule, result updates
+    stage.py      the flagged-frame sink: decision rule, result updates
 
 Example:
     stage = VlmStage(config.vlm, publisher, "calibration"); stage.start()
-    stage.submit(inspection, frame_bgr, score_result, regions)   # never blocks
+    queue = FlaggedQueue(config.pipeline.flagged_queue_size, stage)   # daemon.flagged_queue: never blocks
+    stage.explain(inspection, frame_bgr, score_result, regions)       # or directly: blocks until the update
 """
 
 from .stage import VlmStage

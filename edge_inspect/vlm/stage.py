@@ -1,19 +1,19 @@
-"""The VLM stage: flagged frames -> bounded queue by score -> worker -> verdict as a result update.
+"""The VLM stage: a flagged frame -> worker -> verdict as a result update.
 
 The scorer decides and localises; the VLM explains. The scorer's result is already published
 (vlm_status "pending") when a frame arrives here, and every frame that arrives gets exactly one
 update: done (with the verdict), failed (with the reason; the scorer's verdict stands) or skipped.
 With vlm.allow_downgrade a done update also says which verdict counts (final_verdict, decided_by).
 
-Queue policy when full: the highest-scoring frames are kept. A new frame that scores higher than
-the lowest queued one takes its place (that one is `skipped`); otherwise the new frame is skipped.
-The queue is served highest score first.
+The stage is the daemon's FlaggedSink: it explains one frame per call, on the thread of the one
+flagged-frame queue (daemon.flagged_queue.FlaggedQueue, pipeline.flagged_queue_size), which keeps
+the highest-scoring frames when full and serves the highest score first.
 
-Example (what the daemon does when vlm.enabled; the stage is its flagged-frame hook):
+Example (what the daemon does when vlm.enabled):
     stage = VlmStage(config.vlm, publisher, "calibration"); stage.start()
-    daemon = Daemon(config, flagged_sink=stage)      # stage(item) == stage.submit(...), never blocks
+    queue = FlaggedQueue(config.pipeline.flagged_queue_size, stage); queue.start()
     ...
-    stage.stop(timeout=10)                           # before publisher.stop(): the updates go out
+    queue.close(deadline, abandon_current=False); stage.stop(timeout=10)   # before publisher.stop()
 """
 
 from __future__ import annotations
@@ -43,67 +43,7 @@ log = logging.getLogger(__name__)
 UpdateFn = Callable[[dict[str, Any]], None]
 
 
-# --- pure parts: queue policy and decision rule --------------------------------------------------
-
-
-class ScoreQueue:
-    """A bounded queue that keeps the highest scores. Thread-safe; `take` blocks."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        self.capacity = capacity
-        self._items: list[tuple[float, int, Any]] = []  # (score, arrival, item)
-        self._arrivals = 0
-        self._closed = False
-        self._cond = threading.Condition()
-
-    def offer(self, item: Any, score: float) -> tuple[bool, Any | None]:
-        """Add `item`; return (accepted, evicted item or None). A closed queue accepts nothing."""
-        with self._cond:
-            if self._closed:
-                return False, None
-            self._arrivals += 1
-            entry = (float(score), self._arrivals, item)
-            evicted = None
-            if len(self._items) >= self.capacity:
-                # lowest score, newest among equals, leaves first
-                lowest = min(self._items, key=lambda e: (e[0], -e[1]))
-                if entry[0] <= lowest[0]:
-                    return False, None
-                self._items.remove(lowest)
-                evicted = lowest[2]
-            self._items.append(entry)
-            self._cond.notify()
-            return True, evicted
-
-    def take(self, timeout: float | None = None) -> Any | None:
-        """The highest-scoring item (oldest among equals); None on timeout or when closed and empty."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not self._items:
-                if self._closed:
-                    return None
-                remaining = None if end is None else end - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            best = max(self._items, key=lambda e: (e[0], -e[1]))
-            self._items.remove(best)
-            return best[2]
-
-    def close(self) -> list[Any]:
-        """Stop accepting; return what was still queued (highest score first)."""
-        with self._cond:
-            self._closed = True
-            left = [e[2] for e in sorted(self._items, key=lambda e: (-e[0], e[1]))]
-            self._items.clear()
-            self._cond.notify_all()
-            return left
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
+# --- pure parts: the decision rule --------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -175,43 +115,36 @@ class VlmStage:
         self.publisher = publisher
         self.calibration_dir = Path(calibration_dir)
         self.worker = worker or VlmWorker(config)
-        self._queue = ScoreQueue(config.queue_size)
-        self._thread: threading.Thread | None = None
+        self._running = False
         self._lock = threading.Lock()
         self._products: dict[str, tuple[Any, _ProductContext]] = {}
         self._counts = {k: 0 for k in ("submitted", "accepted", "skipped", "done", "failed", "downgraded", "agreed", "disagreed")}
         self._last: dict[str, Any] = {}
         self._in_flight: _Job | None = None
         self._stopping = False
-        self._outstanding = 0  # accepted jobs whose update is not published yet (queued or in progress)
+        self._outstanding = 0  # accepted jobs whose update is not published yet (in progress)
         if config.enabled:
             check_model_files(config)  # a wrong path fails the start, not every flagged frame
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker (the model loads in the background) and the stage thread."""
-        if self._thread is not None:
+        """Start the worker (the model loads in the background)."""
+        if self._running:
             return
         if not self.config.enabled:
             raise ConfigError("vlm.enabled is false: the VLM stage is not started (set vlm.enabled: true to explain flagged frames)")
         if self._stopping:
             raise RuntimeError("a stopped VlmStage cannot be restarted; create a new one (e.g. after a config reload)")
         self.worker.start()
-        self._thread = threading.Thread(target=self._run, name="vlm-stage", daemon=True)
-        self._thread.start()
+        self._running = True
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Queued frames get `skipped`; the one in progress may finish within `timeout`, else `failed`."""
+        """Stop the worker: a frame still being explained gets `failed`. Close the flagged-frame queue
+        first (with abandon_current=False), so queued frames get `skipped`."""
         self._stopping = True
-        for job in self._queue.close():
-            self._publish(job, build_update("skipped", error="the VLM stage stopped before explaining this frame"), "skipped")
-        if self._thread is not None:
-            self._thread.join(timeout)
         self.worker.stop(timeout=min(timeout, 5.0))
-        if self._thread is not None:
-            self._thread.join(5.0)
-            self._thread = None
+        self._running = False
 
     def state(self) -> dict[str, Any]:
         with self._lock:
@@ -220,8 +153,6 @@ class VlmStage:
         return {
             **counts,
             "outstanding": self.outstanding(),
-            "queue_depth": len(self._queue),
-            "queue_size": self.config.queue_size,
             "busy": self._in_flight is not None,
             "mode": self.config.mode,
             "last": last,
@@ -229,13 +160,13 @@ class VlmStage:
         }
 
     def outstanding(self) -> int:
-        """Frames accepted whose update is not published yet (queued or being explained); 0 = idle."""
+        """Frames accepted whose update is not published yet (being explained); 0 = idle."""
         with self._lock:
             return self._outstanding
 
     # -- input ------------------------------------------------------------------------------------
 
-    def submit(
+    def explain(
         self,
         inspection: Inspection,
         frame_bgr: np.ndarray,
@@ -245,13 +176,13 @@ class VlmStage:
         view_bgr: np.ndarray | None = None,
         product: Any | None = None,
         publish_update: UpdateFn | None = None,
-    ) -> bool:
-        """Queue a flagged frame whose result was published with vlm_status 'pending'.
+        queued_at: float | None = None,
+    ) -> str:
+        """Explain a flagged frame whose result was published with vlm_status 'pending'; blocks until
+        its one update is published. Returns the outcome: done, failed or skipped (stage not running).
 
-        Non-blocking. Returns False when the frame was skipped (queue full of higher scores, or the
-        stage is stopped); its `skipped` update is already published then. `regions` are in
-        `frame_bgr` pixels; `view_bgr` is the image the scorer saw (for retrieval; default: the
-        frame). The arrays must not be modified afterwards.
+        `regions` are in `frame_bgr` pixels; `view_bgr` is the image the scorer saw (for retrieval;
+        default: the frame). The arrays must not be modified meanwhile.
         """
         publish = publish_update or (lambda update: self.publisher.publish_update(inspection.inspection_id, update))
         job = _Job(
@@ -264,39 +195,31 @@ class VlmStage:
             product=product,
             publish=publish,
         )
+        if queued_at is not None:
+            job.queued_at = queued_at  # the wait in the flagged-frame queue counts in last.queue_ms
         with self._lock:
             self._counts["submitted"] += 1
-        if self._stopping or self._thread is None:
+        if self._stopping or not self._running:
             self._publish(job, build_update("skipped", error="the VLM stage is not running"), "skipped")
-            return False
-        with self._lock:  # counted before the stage thread can see it, so outstanding() never misses it
+            return "skipped"
+        with self._lock:
             self._outstanding += 1
             job.accepted = True
-        accepted, evicted = self._queue.offer(job, job.score)
-        if not accepted:
-            with self._lock:
-                self._outstanding -= 1
-                job.accepted = False
-        if evicted is not None:
-            self._publish(
-                evicted,
-                build_update("skipped", error=f"VLM queue full (vlm.queue_size={self.config.queue_size}): a higher-scoring frame took its place"),
-                "skipped",
-            )
-        if not accepted:
-            self._publish(
-                job,
-                build_update("skipped", error=f"VLM queue full (vlm.queue_size={self.config.queue_size}) of higher-scoring frames"),
-                "skipped",
-            )
-            return False
-        with self._lock:
             self._counts["accepted"] += 1
-        return True
+        self._in_flight = job
+        try:
+            update, outcome = self._explain(job)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not lose the update
+            log.exception("vlm stage failed on inspection %s", job.inspection.inspection_id)
+            update, outcome = build_update("failed", error=f"VLM stage error: {type(exc).__name__}: {exc}"), "failed"
+        finally:
+            self._in_flight = None
+        self._publish(job, update, outcome)
+        return outcome
 
     def __call__(self, item: Any) -> None:
-        """The daemon's FlaggedSink: hand the frame to the queue and return at once."""
-        self.submit(
+        """The daemon's FlaggedSink (a daemon.flagged_queue.FlaggedFrame): explain it now."""
+        self.explain(
             item.inspection,
             item.frame.pixels,
             item.score,
@@ -304,26 +227,8 @@ class VlmStage:
             view_bgr=item.view,
             product=item.product,
             publish_update=item.publish_update,
+            queued_at=getattr(item, "queued_at", None),
         )
-
-    # -- work -------------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.take(timeout=0.5)
-            if job is None:
-                if self._stopping:
-                    return
-                continue
-            self._in_flight = job
-            try:
-                update, outcome = self._explain(job)
-            except Exception as exc:  # noqa: BLE001 - a bug here must not lose the update
-                log.exception("vlm stage failed on inspection %s", job.inspection.inspection_id)
-                update, outcome = build_update("failed", error=f"VLM stage error: {type(exc).__name__}: {exc}"), "failed"
-            finally:
-                self._in_flight = None
-            self._publish(job, update, outcome)
 
     def _explain(self, job: _Job) -> tuple[dict[str, Any], str]:
         config = self.config
