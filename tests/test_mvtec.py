@@ -223,3 +223,54 @@ def test_real_magnetic_tile_handful(tmp_path, make_dataset):
             raw = cv2.imread(str(item.mask_path), cv2.IMREAD_UNCHANGED)
             assert raw.shape == image.shape[:2] and set(np.unique(raw).tolist()) <= {0, 255}
             assert mask.any(), f"{item.path.name}: empty mask for a defect"
+
+
+def test_magnetic_tile_one_lighting(tmp_path, make_dataset):
+    source = _fake_magnetic_tile(tmp_path / "mt")  # good images are exp0_*, defects exp1_*
+    for i in range(3):
+        _img(source / f"MT_Free/Imgs/exp1_num_free{i}.jpg", 120, (60, 60))
+    out = mvtec.convert_magnetic_tile(source, tmp_path / "exp1", n_train=2, lighting="exp1")
+    dataset = mvtec.load_dataset(out, require_masks=True)
+    names = [p.name for p in dataset.train_good] + [t.path.name for t in dataset.test]
+    assert names and all(n.startswith("exp1_") for n in names), "another lighting leaked in"
+    assert len(dataset.train_good) == 2 and sum(t.is_good for t in dataset.test) == 1
+    with pytest.raises(UserError, match="exp1 .. exp6"):
+        mvtec.convert_magnetic_tile(source, tmp_path / "bad", n_train=2, lighting="exp9")
+    argv = ["magnetic-tile", "--source", str(source), "--out", str(tmp_path / "cli"), "--train", "2", "--lighting", "exp1"]
+    assert make_dataset.main(argv) == 0
+
+
+def _elpv_labels(root: Path) -> Path:
+    """The elpv-dataset package's layout: labels.csv ('images/cellNNNN.png  probability  type')."""
+    rows = []
+    for i, (probability, kind) in enumerate([(0.0, "mono")] * 5 + [(1.0, "mono")] * 3 + [(1 / 3, "mono"), (0.0, "poly"), (1.0, "poly")]):
+        name = f"images/cell{i:04d}.png"
+        _img(root / name, 50 + 10 * i, (30, 30))
+        rows.append(f"{name}  {probability}  {kind}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_elpv_conversion_keeps_one_cell_type_and_only_certain_labels(tmp_path, make_dataset):
+    labels = _elpv_labels(tmp_path / "elpv")
+    out = mvtec.convert_elpv(tmp_path / "mono", "mono", n_train=2, n_test_good=None, n_test_defect=None, labels_csv=labels)
+    dataset = mvtec.load_dataset(out)
+    assert len(dataset.train_good) == 2
+    assert sorted(t.defect_type for t in dataset.test) == ["defective"] * 3 + ["good"] * 3  # the 1/3 cell is left out
+    assert not {p.stem for p in dataset.train_good} & {t.path.stem for t in dataset.test}
+    assert all(t.mask_path is None for t in dataset.test)  # image-level labels only
+    with pytest.raises(UserError, match="mono or poly"):
+        mvtec.convert_elpv(tmp_path / "x", "thin-film", labels_csv=labels)
+    with pytest.raises(UserError, match="--train 5 needs at least 6"):
+        mvtec.convert_elpv(tmp_path / "y", "mono", n_train=5, labels_csv=labels)
+    argv = ["elpv", "--out", str(tmp_path / "cli"), "--kind", "poly", "--train", "0"]
+    assert make_dataset.main(argv) == 2
+
+
+def test_real_elpv_handful(tmp_path, make_dataset):
+    pytest.importorskip("elpv_dataset", reason="the ELPV cells come from the PyPI package elpv-dataset (dev extra)")
+    argv = ["elpv", "--out", str(tmp_path / "mono"), "--kind", "mono", "--train", "3", "--test-good", "2", "--test-defect", "2"]
+    assert make_dataset.main(argv) == 0
+    dataset = mvtec.load_dataset(tmp_path / "mono")
+    assert len(dataset.train_good) == 3 and sorted(t.defect_type for t in dataset.test) == ["defective"] * 2 + ["good"] * 2
+    assert mvtec.read_image(dataset.test[0].path).shape[:2] == (300, 300)

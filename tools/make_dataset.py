@@ -4,6 +4,8 @@
     .venv/bin/python tools/make_dataset.py generate --out /tmp/ds/gen --categories brick,coin --train 10
     .venv/bin/python tools/make_dataset.py magnetic-tile --out /tmp/ds/mt               # from ../shared/data/magnetic-tile
     .venv/bin/python tools/make_dataset.py magnetic-tile --out /tmp/ds/mt256 --resize 256x256
+    .venv/bin/python tools/make_dataset.py magnetic-tile --out /tmp/ds/mt_exp1 --lighting exp1 --test-good all
+    .venv/bin/python tools/make_dataset.py elpv --out /tmp/ds/elpv_mono --kind mono     # PyPI elpv-dataset
 
 Both write only under --out (required: datasets never land in the repository by accident) and
 refuse to replace an existing dataset there without --overwrite. See docs/datasets.md.
@@ -81,8 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--resize", type=_size, default=None, help="WIDTHxHEIGHT for every image (default: keep sizes)")
     mt.add_argument("--limit", type=_count, default=None, help="at most this many images per test folder (quick checks)")
     mt.add_argument("--seed", type=int, default=0, help="seed of the MT_Free shuffle (default 0)")
+    mt.add_argument(
+        "--lighting", default=None,
+        help="keep one lighting (exp1..exp6): each tile was shot under six, so mixing them leaks tiles from train into test",
+    )
     mt.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     mt.set_defaults(func=run_magnetic_tile)
+
+    el = sub.add_parser("elpv", help="convert the ELPV solar cells (PyPI elpv-dataset) to the MVTec layout")
+    el.add_argument("--out", type=Path, required=True, help="folder for the converted dataset (one category)")
+    el.add_argument("--kind", choices=mvtec.ELPV_KINDS, required=True, help="mono- or polycrystalline cells")
+    el.add_argument("--train", type=_count, default=20, help="good cells for train/good (default 20)")
+    el.add_argument("--test-good", type=_count_or_all, default=150, help="good cells for test/good, or 'all' (default 150)")
+    el.add_argument("--test-defect", type=_count_or_all, default=150, help="defective cells for test/, or 'all' (default 150)")
+    el.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    el.add_argument("--labels", type=Path, default=None, help="labels.csv of another ELPV copy (default: the installed package)")
+    el.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
+    el.set_defaults(func=run_elpv)
     return parser
 
 
@@ -128,7 +145,18 @@ def run_magnetic_tile(args: argparse.Namespace) -> int:
         raise UserError("--train must be at least 1 (train/good cannot be empty)")
     root = mvtec.convert_magnetic_tile(
         args.source, args.out, n_train=args.train, n_test_good=args.test_good, resize=args.resize,
-        seed=args.seed, limit=args.limit, overwrite=args.overwrite, progress=True,
+        seed=args.seed, limit=args.limit, overwrite=args.overwrite, progress=True, lighting=args.lighting,
+    )
+    print(_summary(root))
+    return 0
+
+
+def run_elpv(args: argparse.Namespace) -> int:
+    if args.train < 1:
+        raise UserError("--train must be at least 1 (train/good cannot be empty)")
+    root = mvtec.convert_elpv(
+        args.out, args.kind, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect,
+        seed=args.seed, overwrite=args.overwrite, labels_csv=args.labels,
     )
     print(_summary(root))
     return 0
