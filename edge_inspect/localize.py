@@ -36,6 +36,17 @@ def grid_words_for(mask: np.ndarray, weights: np.ndarray | None = None) -> tuple
     return tuple(GRID_WORDS[i] for i in cells)
 
 
+def grid_cells_touched(mask: np.ndarray) -> frozenset[str]:
+    """Every 3x3 grid cell holding at least one pixel of `mask`: the ground truth side of MMAD's
+    localisation accuracy (a flagged part counts as localised when its reported cells overlap these)."""
+    h, w = mask.shape
+    rows = np.array_split(np.arange(h), 3)
+    cols = np.array_split(np.arange(w), 3)
+    return frozenset(
+        GRID_WORDS[i * 3 + j] for i, r in enumerate(rows) for j, c in enumerate(cols) if mask[r[0] : r[-1] + 1, c[0] : c[-1] + 1].any()
+    )
+
+
 def find_regions(anomaly_map: np.ndarray, threshold: float, min_area_px: int = 16, max_regions: int = 8) -> tuple[Region, ...]:
     """Connected components of the map above REGION_LEVEL x threshold that reach the threshold."""
     amap = np.asarray(anomaly_map, dtype=np.float32)

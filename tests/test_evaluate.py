@@ -94,3 +94,46 @@ def test_shot_sets_need_enough_good_images(dataset, engines_dir, capsys):
     assert "--shots 3 with 2 shot sets needs at least 7" in capsys.readouterr().err
     assert cli.main(["evaluate", str(dataset), "--shot-sets", "0", "--engines-dir", str(engines_dir)]) == 2
     assert "--shot-sets must be at least 1" in capsys.readouterr().err
+
+
+def test_reference_and_mmad_metrics_in_a_single_run(dataset, engines_dir, capsys):
+    assert cli.main(["evaluate", str(dataset), "--shots", "4", "--json", "--engines-dir", str(engines_dir)]) == 0
+    result = _strict_json(capsys.readouterr().out.strip())
+    ref = result["reference"]
+    assert ref["name"].startswith("plain PatchCore")
+    assert 0.0 <= ref["image_auroc"] <= 1.0 and 0.0 <= ref["pixel_auroc"] <= 1.0
+    counts = result["counts"]
+    assert result["detection_accuracy"] == pytest.approx((counts["tp"] + counts["tn"]) / 9, abs=1e-4)
+    # Localisation accuracy is a share of the flagged defective parts that have a mask.
+    assert result["localised_parts"] <= counts["tp"]
+    if result["localised_parts"]:
+        assert 0.0 <= result["localisation_accuracy"] <= 1.0
+    else:
+        assert result["localisation_accuracy"] is None
+
+
+def test_several_sets_give_one_row_each_and_the_mean(dataset, engines_dir, tmp_path, capsys):
+    import shutil
+
+    sets = tmp_path / "sets"
+    shutil.copytree(dataset, sets / "coin_a")
+    shutil.copytree(dataset, sets / "coin_b")
+    (sets / "notes").mkdir()  # not a set: ignored inside a folder of sets
+    args = ["evaluate", str(sets), "--shots", "4", "--engines-dir", str(engines_dir), "--size", "64", "--bank-size", "64"]
+    assert cli.main([*args, "--json"]) == 0
+    result = _strict_json(capsys.readouterr().out.strip())
+    assert [r["dataset"].rsplit("/", 1)[-1] for r in result["datasets"]] == ["coin_a", "coin_b"]
+    a, b = result["datasets"]
+    assert a["image_auroc"] == b["image_auroc"]  # same images, same shots: same numbers
+    assert result["mean"]["image_auroc"] == pytest.approx((a["image_auroc"] + b["image_auroc"]) / 2, abs=1e-4)
+    assert result["mean"]["reference"]["image_auroc"] == pytest.approx(a["reference"]["image_auroc"], abs=1e-4)
+    assert result["mean"]["sets_at_or_above_reference"] in (0, 2)
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    assert "floor" in table and "coin_a" in table and "coin_b" in table and "MEAN" in table
+
+
+def test_evaluate_refuses_a_folder_without_sets(tmp_path, engines_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["evaluate", str(tmp_path / "empty"), "--engines-dir", str(engines_dir)]) == 2
+    assert "neither an MVTec-layout set" in capsys.readouterr().err

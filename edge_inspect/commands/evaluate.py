@@ -1,4 +1,4 @@
-"""`edge-inspect evaluate`: few-shot quality on an MVTec-AD-layout dataset."""
+"""`edge-inspect evaluate`: few-shot quality on MVTec-AD-layout datasets, beside the plain PatchCore floor."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="calibrate on N good shots of an MVTec-layout dataset and measure quality")
-    p.add_argument("dataset", help="folder with train/good, test/<type>, ground_truth/<type>")
+    p = subparsers.add_parser("evaluate", help="calibrate on N good shots of MVTec-layout datasets and measure quality")
+    p.add_argument(
+        "datasets", nargs="+", metavar="DATASET",
+        help="folder with train/good, test/<type>, ground_truth/<type>; or a folder of such folders. Several: one row each and the mean",
+    )
     p.add_argument("--shots", type=int, default=4, help="good images to calibrate on (the first N of train/good)")
     p.add_argument(
         "--shot-sets", type=int, default=1,
@@ -23,6 +26,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-test", type=int, help="score at most this many test images")
+    p.add_argument(
+        "--no-reference", action="store_true",
+        help="skip the plain PatchCore floor (by default it is fitted on the same shots and scored on the same images)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", action="store_true")
     p.set_defaults(func=run)
@@ -30,16 +37,25 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import UserError
-    from ..offline.evaluate import evaluate_shot_sets
+    from ..offline.evaluate import dataset_roots, evaluate_many, evaluate_shot_sets
     from ._common import calibration_options, show_progress
 
     if args.shots < 1:
         raise UserError("--shots must be at least 1 (calibration itself needs 2)")
     options = calibration_options(args)
-    result = evaluate_shot_sets(
-        args.dataset, args.shots, args.shot_sets, options=options, engines_dir=args.engines_dir, backend=args.backend,
-        threads=args.threads, progress=show_progress(args), max_test=args.max_test,
+    roots = dataset_roots(args.datasets)
+    common = dict(
+        options=options, engines_dir=args.engines_dir, backend=args.backend, threads=args.threads,
+        progress=show_progress(args), max_test=args.max_test, reference=not args.no_reference,
     )
+    if len(roots) > 1:
+        result = evaluate_many(roots, args.shots, args.shot_sets, **common)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            _print_table(result)
+        return 0
+    result = evaluate_shot_sets(roots[0], args.shots, args.shot_sets, **common)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -51,6 +67,8 @@ def run(args) -> int:
         ("F1 at auto threshold", result["f1"]),
         ("false reject rate", result["false_reject_rate"]),
         ("miss rate", result["miss_rate"]),
+        ("detection accuracy", result["detection_accuracy"]),
+        ("localisation accuracy (3x3)", f"{result['localisation_accuracy']} (of {result['localised_parts']} flagged with masks)"),
         ("threshold", result["threshold"]),
         ("best F1 (oracle threshold)", result["best_f1"]),
         ("scorer p50 ms", result["p50_ms"]),
@@ -58,6 +76,11 @@ def run(args) -> int:
         ("good / defect images", f"{result['n_good']} / {result['n_defect']}"),
         ("calibration s", result["calibration_s"]),
     ]
+    if "reference" in result:
+        rows[2:2] = [
+            ("plain PatchCore image AUROC", result["reference"]["image_auroc"]),
+            ("plain PatchCore pixel AUROC", result["reference"]["pixel_auroc"]),
+        ]
     print(f"{result['dataset']}  ({args.shots} shots)")
     for name, value in rows:
         print(f"  {name:28s} {value}")
@@ -69,7 +92,8 @@ def _print_summary(result: dict) -> int:
     print(f"{result['dataset']}  ({result['shots']} shots, {result['shot_sets']} shot sets: mean [min .. max])")
     for key, name in (
         ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("f1", "F1 at auto threshold"),
-        ("false_reject_rate", "false reject rate"), ("miss_rate", "miss rate"), ("best_f1", "best F1 (oracle threshold)"),
+        ("false_reject_rate", "false reject rate"), ("miss_rate", "miss rate"), ("detection_accuracy", "detection accuracy"),
+        ("localisation_accuracy", "localisation accuracy (3x3)"), ("best_f1", "best F1 (oracle threshold)"),
     ):
         if result[key] is None:
             print(f"  {name:28s} -")
@@ -78,5 +102,48 @@ def _print_summary(result: dict) -> int:
     for run in result["runs"]:
         print(f"  shot set {run['shot_set']} ({', '.join(run['shot_images'])}): image AUROC {run['image_auroc']}, "
               f"F1 {run['f1']}, false rejects {run['false_reject_rate']}")
+    if "reference" in result:
+        ref = result["reference"]
+        print(f"  {'plain PatchCore image AUROC':28s} {ref['image_auroc']:.4f}")
+        print(f"  {'plain PatchCore pixel AUROC':28s} {_fmt(ref['pixel_auroc'])}")
     print(f"  {'good / defect images':28s} {result['n_good']} / {result['n_defect']}")
     return 0
+
+
+def _fmt(value, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+
+
+COLUMNS = (
+    ("image AUROC", "image_auroc", False), ("pixel AUROC", "pixel_auroc", False), ("F1", "f1", False),
+    ("false rej.", "false_reject_rate", True), ("miss", "miss_rate", True), ("det. acc.", "detection_accuracy", True),
+    ("loc. acc.", "localisation_accuracy", True),
+)
+
+
+def _print_table(result: dict) -> None:
+    """One row per set: the scorer beside the plain PatchCore floor (ratio scorer / floor), then the mean."""
+    rows = []
+    for r in result["datasets"]:
+        rows.append((str(r["dataset"]).rstrip("/").rsplit("/", 1)[-1], r))
+    rows.append(("MEAN", result["mean"]))
+    name_w = max(len(n) for n, _ in rows)
+    has_ref = "reference" in result["mean"]
+    head = f"{'set':{name_w}s}  " + ("img AUROC  floor  ratio  px AUROC  floor  " if has_ref else "img AUROC  px AUROC  ")
+    head += "  ".join(f"{label:>10s}" for label, _, _ in COLUMNS[2:])
+    print(f"{result['shots']} shots, {result['shot_sets']} shot set(s) per dataset; floor = plain PatchCore in this run")
+    print(head)
+    for name, r in rows:
+        line = f"{name:{name_w}s}  {_fmt(r['image_auroc']):>9s}  "
+        if has_ref:
+            ref = r["reference"]
+            ratio = r["image_auroc"] / ref["image_auroc"] if r["image_auroc"] and ref["image_auroc"] else None
+            line += f"{_fmt(ref['image_auroc']):>5s}  {_fmt(ratio):>5s}  {_fmt(r['pixel_auroc']):>8s}  {_fmt(ref['pixel_auroc']):>5s}  "
+        else:
+            line += f"{_fmt(r['pixel_auroc']):>8s}  "
+        line += "  ".join(f"{_fmt(r.get(key), pct):>10s}" for _, key, pct in COLUMNS[2:])
+        print(line)
+    if has_ref:
+        print(f"sets at or above the floor (image AUROC): {result['mean']['sets_at_or_above_reference']} of {len(result['datasets'])}")

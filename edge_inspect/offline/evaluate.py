@@ -17,11 +17,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..imageio import read_bgr
-from ..scorer.calibrate import CalibrationOptions, calibrate_product, ensure_backbone
+from ..imageio import crop_roi, read_bgr
+from ..localize import find_regions, grid_cells_touched
+from ..scorer.calibrate import CalibrationOptions, calibrate_product, ensure_backbone, load_folded
 from ..scorer.product import Scorer
 from .metrics import auroc, best_f1, binary_counts, f1_score
 from .mvtec import load_dataset, read_mask
+from .plain_patchcore import PlainPatchCore
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,12 @@ def evaluate_dataset(
     max_test: int | None = None,
     work_dir: str | Path | None = None,
     shot_set: int = 0,
+    reference: bool = True,
 ) -> dict[str, Any]:
     """Calibrate on shot set `shot_set` (train/good images shot_set*N .. shot_set*N+N-1, in name order)
-    and score every other train/good image plus test/*."""
+    and score every other train/good image plus test/*. With `reference`, the plain PatchCore floor
+    (offline/plain_patchcore.py) is fitted on the same shots and scores the same images, so the result
+    carries its AUROCs beside the scorer's (`reference`)."""
 
 
     dataset = load_dataset(root)
@@ -72,8 +77,14 @@ def evaluate_dataset(
         product = calibrate_product(shots_paths, "eval", calib_dir, engines, options, progress=progress, threads=threads)
         calibration_s = time.perf_counter() - started
         scorer = Scorer(product, backend=backend, threads=threads)
+        plain = None
+        if reference:
+            plain = PlainPatchCore(load_folded(engines)[0], threads)
+            plain.fit([crop_roi(read_bgr(p), product.roi) for p in shots_paths])
         labels, scores, latencies = [], [], []
         pixel_scores, pixel_labels = [], []
+        ref_scores, ref_pixel_scores = [], []
+        localised: list[bool] = []  # per flagged defective part with a mask: reported cells overlap the truth
         scored: list[ScoredItem] = []
         for path, defect_type, test_item in tqdm(items, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
             bgr = read_bgr(path)
@@ -83,7 +94,11 @@ def evaluate_dataset(
             labels.append(defect_type != "good")
             scores.append(result.score)
             scored.append(ScoredItem(path, defect_type, result.score))
-            if test_item is not None:
+            ref_map = None
+            if plain is not None:
+                ref_score, ref_map = plain.score(crop_roi(bgr, product.roi))
+                ref_scores.append(ref_score)
+            if test_item is not None and test_item.has_pixel_truth:
                 mask = read_mask(test_item, bgr.shape[:2])
                 if product.roi:
                     x, y, w, h = product.roi
@@ -92,6 +107,11 @@ def evaluate_dataset(
                 # Subsample pixels of every image on a fixed grid to bound memory on big sets.
                 pixel_scores.append(result.anomaly_map[::2, ::2].ravel())
                 pixel_labels.append(mask[::2, ::2].ravel())
+                if ref_map is not None:
+                    ref_pixel_scores.append(cv2.resize(ref_map, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)[::2, ::2].ravel())
+                if not test_item.is_good and mask.any() and result.score >= product.threshold:
+                    cells = {w for r in find_regions(result.anomaly_map, product.threshold) for w in r.grid_words}
+                    localised.append(bool(cells & grid_cells_touched(mask)))
         scorer.close()
         evidence = json.loads((product.directory / "threshold.json").read_text())["evidence"]
     labels_a, scores_a = np.array(labels), np.array(scores)
@@ -110,8 +130,13 @@ def evaluate_dataset(
         "shot_set": shot_set,
         "shot_images": [p.name for p in shots_paths],
         "image_auroc": round(auroc(labels_a, scores_a), 4),
-        "pixel_auroc": round(auroc(np.concatenate(pixel_labels), np.concatenate(pixel_scores)), 4) if pixel_labels else None,
+        "pixel_auroc": _pixel_auroc(pixel_labels, pixel_scores),
         "f1": round(f1_score(labels_a, predicted), 4),
+        # MMAD's two questions, at the automatic threshold: is the part defective (accuracy over all
+        # parts), and, for the defective parts flagged, do the reported 3x3 cells overlap the truth.
+        "detection_accuracy": round(float((predicted == labels_a).mean()), 4),
+        "localisation_accuracy": round(float(np.mean(localised)), 4) if localised else None,
+        "localised_parts": len(localised),
         "false_reject_rate": round(counts["fp"] / max(n_good, 1), 4),
         "miss_rate": round(counts["fn"] / max(n_defect, 1), 4),
         "threshold": round(threshold, 5),
@@ -132,10 +157,27 @@ def evaluate_dataset(
         "defect_score_median": round(float(np.median(scores_a[labels_a])), 5) if n_defect else None,
         "threshold_evidence": evidence,
     }
+    if plain is not None:
+        result["reference"] = {
+            "name": "plain PatchCore (Lite0 block4+block10, full bank, max, sigma 4)",
+            "image_auroc": round(auroc(labels_a, np.array(ref_scores)), 4),
+            "pixel_auroc": _pixel_auroc(pixel_labels, ref_pixel_scores),
+        }
     return result
 
 
-SUMMARISED = ("image_auroc", "pixel_auroc", "f1", "false_reject_rate", "miss_rate", "best_f1", "threshold", "calibration_s")
+def _pixel_auroc(labels: list[np.ndarray], scores: list[np.ndarray]) -> float | None:
+    """None where the set has no defect pixels to find (image-level labels only, e.g. ELPV)."""
+    if not labels or not any(l.any() for l in labels):
+        return None
+    return round(auroc(np.concatenate(labels), np.concatenate(scores)), 4)
+
+
+SUMMARISED = (
+    "image_auroc", "pixel_auroc", "f1", "false_reject_rate", "miss_rate", "detection_accuracy", "localisation_accuracy",
+    "best_f1", "threshold", "calibration_s",
+)
+REFERENCE_KEYS = ("image_auroc", "pixel_auroc")
 
 
 def evaluate_shot_sets(root: str | Path, shots: int, sets: int, **kwargs) -> dict[str, Any]:
@@ -157,9 +199,57 @@ def evaluate_shot_sets(root: str | Path, shots: int, sets: int, **kwargs) -> dic
         summary[key] = round(float(np.mean(values)), 5) if values else None
         summary[f"{key}_min"] = min(values) if values else None
         summary[f"{key}_max"] = max(values) if values else None
+    if all("reference" in r for r in runs):
+        summary["reference"] = {"name": runs[0]["reference"]["name"]}
+        for key in REFERENCE_KEYS:
+            values = [r["reference"][key] for r in runs if r["reference"][key] is not None]
+            summary["reference"][key] = round(float(np.mean(values)), 5) if values else None
     summary["p50_ms"] = max(r["p50_ms"] for r in runs)
     summary["p99_ms"] = max(r["p99_ms"] for r in runs)
     summary["n_good"] = runs[0]["n_good"]
     summary["n_defect"] = runs[0]["n_defect"]
     summary["runs"] = runs
     return summary
+
+
+def dataset_roots(paths: list[str | Path]) -> list[Path]:
+    """Each path is one MVTec-layout set (it has train/) or a folder of such sets (its subfolders
+    that have train/, in name order)."""
+    roots: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if (path / "train").is_dir():
+            roots.append(path)
+            continue
+        children = sorted(c for c in path.iterdir() if (c / "train").is_dir()) if path.is_dir() else []
+        if not children:
+            raise UserError(f"{path}: neither an MVTec-layout set (no train/ folder) nor a folder of such sets")
+        roots += children
+    names = [r.name for r in roots]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"two sets are both named {duplicates[0]!r}: rename one so the table rows can be told apart")
+    return roots
+
+
+MEAN_KEYS = ("image_auroc", "pixel_auroc", "f1", "false_reject_rate", "miss_rate", "detection_accuracy", "localisation_accuracy")
+
+
+def evaluate_many(roots: list[Path], shots: int, sets: int, **kwargs) -> dict[str, Any]:
+    """One result per set (as evaluate_shot_sets) and their mean, the reference's mean beside it.
+
+    A mean skips sets where a metric does not exist (no masks: no pixel AUROC), and says how many it
+    averaged."""
+    results = [evaluate_shot_sets(root, shots, sets, **kwargs) for root in roots]
+    mean: dict[str, Any] = {}
+    for key in MEAN_KEYS:
+        values = [r[key] for r in results if r.get(key) is not None]
+        mean[key] = round(float(np.mean(values)), 4) if values else None
+        mean[f"{key}_sets"] = len(values)
+    if all("reference" in r for r in results):
+        mean["reference"] = {}
+        for key in REFERENCE_KEYS:
+            values = [r["reference"][key] for r in results if r["reference"][key] is not None]
+            mean["reference"][key] = round(float(np.mean(values)), 4) if values else None
+        mean["sets_at_or_above_reference"] = sum(r["image_auroc"] >= r["reference"]["image_auroc"] for r in results)
+    return {"shots": shots, "shot_sets": sets, "datasets": results, "mean": mean}
