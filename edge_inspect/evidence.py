@@ -54,7 +54,8 @@ FRAME_SUFFIX = ".jpg"
 OVERLAY_SUFFIX = ".overlay.jpg"
 MAP_SUFFIX = ".map.png"
 JSON_SUFFIX = ".json"
-SUFFIXES = (FRAME_SUFFIX, OVERLAY_SUFFIX, MAP_SUFFIX, JSON_SUFFIX)
+CHAT_SUFFIX = ".chat.jsonl"  # follow-up questions and answers (vlm/followup.py), deleted with the entry
+SUFFIXES = (FRAME_SUFFIX, OVERLAY_SUFFIX, MAP_SUFFIX, JSON_SUFFIX, CHAT_SUFFIX)
 TMP_SUFFIX = ".tmp"
 
 _DAY_RE = re.compile(r"^\d{8}$")

@@ -24,8 +24,8 @@ scorer scorer.backbone scorer.params scorer.memory_bank scorer.scorer_graph scor
 scorer.calibrate scorer.synth scorer.product
 scorer.backends scorer.backends.ort_backend scorer.backends.trt_backend scorer.backends.trt_plan_cache
 scorer.backends.trt_compat scorer.backends.trt_build
-vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.worker vlm.stage
-mqtt mqtt.client mqtt.dispatch mqtt.publisher mqtt.spool mqtt.payloads mqtt.listen
+vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.worker vlm.stage vlm.followup vlm.ask
+mqtt mqtt.client mqtt.dispatch mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.listen
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
 daemon.sdnotify
 offline offline.evaluate offline.mvtec offline.metrics offline.bench offline.bench_vlm
@@ -95,4 +95,4 @@ def test_schemas_ship_inside_the_mqtt_package():
 
     schemas = resources.files("edge_inspect.mqtt").joinpath("schemas")
     assert sorted(p.name for p in schemas.iterdir() if p.name.endswith(".json")) == [
-        "product_set.json", "result.json", "result_update.json", "stats.json", "trigger.json"]
+        "answer.json", "ask.json", "product_set.json", "result.json", "result_update.json", "stats.json", "trigger.json"]

@@ -9,6 +9,44 @@ from pydantic import Field, model_validator
 from .base import Section
 
 
+class AskConfig(Section):
+    """Follow-up questions about a flagged part (`<prefix>/<station>/ask`, `edge-inspect ask`), answered
+    by the same VLM from the stored evidence and the earlier turns of that part's conversation. Questions
+    wait behind flagged frames (verdicts first), in a bounded queue with a per-station rate limit.
+    See docs/vlm.md#follow-up-questions."""
+
+    enabled: bool = Field(
+        True,
+        title="Answer follow-up questions",
+        description="Answer questions on the ask topic (needs vlm.enabled and evidence.enabled); when false "
+        "every question gets the error vlm_disabled.",
+    )
+    max_question_chars: int = Field(
+        500, ge=16, le=4000, description="Longest question accepted; a longer one gets the error question_too_long."
+    )
+    max_turns: int = Field(
+        20, ge=1, le=1000,
+        description="Questions one conversation may hold (stored with the evidence); more get conversation_full: "
+        "start a new conversation_id.",
+    )
+    history_tokens: int = Field(
+        1024, ge=0, le=65536,
+        description="Token budget (estimated as characters / 4) for earlier turns in the prompt; older turns beyond "
+        "it are dropped and named in one line. The images, the evidence and the first verdict are always kept.",
+    )
+    max_tokens: int = Field(256, ge=16, le=4096, description="Most tokens the model may generate for one answer.")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-question limit for the model (as vlm.timeout_s).")
+    queue_size: int = Field(
+        8, ge=1, le=1000, description="Questions waiting for the model; a new one beyond it gets the error queue_full."
+    )
+    rate_per_min: float = Field(
+        6.0, gt=0, le=6000,
+        description="Questions per minute this station accepts (token bucket, refilled continuously); more get "
+        "rate_limited.",
+    )
+    burst: int = Field(3, ge=1, le=1000, description="Questions accepted at once before rate_per_min applies.")
+
+
 class VlmConfig(Section):
     """A quantized GGUF vision-language model (llama-cpp-python, in a worker process) explains each
     flagged frame. The scorer's result is published first with `vlm_status: pending`; the verdict
@@ -109,6 +147,11 @@ class VlmConfig(Section):
         1.0, gt=0, le=600, description="First wait before restarting a crashed worker; doubles per failure."
     )
     restart_backoff_max_s: float = Field(60.0, gt=0, le=3600, description="Longest wait between worker restarts.")
+    ask: AskConfig = Field(
+        default_factory=AskConfig,
+        description="Follow-up questions about a flagged part, answered from its stored evidence (MQTT ask/answer, "
+        "edge-inspect ask).",
+    )
 
     @model_validator(mode="after")
     def _paths_when_enabled(self) -> "VlmConfig":

@@ -27,7 +27,7 @@ from .. import records
 
 # Major changes break subscribers (a field renamed or removed); minor ones only add optional fields.
 SCHEMA_VERSION = "1.1"  # 1.1: optional final_verdict / decided_by in result updates
-SCHEMA_NAMES = ("result", "result_update", "stats", "trigger", "product_set")
+SCHEMA_NAMES = ("result", "result_update", "stats", "trigger", "product_set", "ask", "answer")  # ask/answer: mqtt/ask.py
 
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"  # the last will: the broker publishes it when the daemon vanishes

@@ -9,6 +9,8 @@ the product's knowledge file and the scorer's evidence, as schema-constrained JS
     runner.py     llama-cpp-python in process (used inside the worker)
     worker.py     the worker subprocess and its supervisor (timeouts, restarts)
     stage.py      the flagged-frame sink: decision rule, result updates
+    followup.py   follow-up questions: evidence read back, conversation log, context, prompt
+    ask.py        answering them: Asker (one question), AskService (the daemon's queue), the CLI
 
 Example:
     stage = VlmStage(config.vlm, publisher, "calibration"); stage.start()

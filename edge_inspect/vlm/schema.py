@@ -151,3 +151,95 @@ def _unique(items: Sequence[str]) -> tuple[str, ...]:
 def _gbnf_literal(json_text: str) -> str:
     """A GBNF string literal that matches `json_text` exactly."""
     return '"' + json_text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- follow-up answers -----------------------------------------------------------------------------
+
+ANSWER_MAX = 300
+QUESTION_KINDS = ("open", "yes_no", "location")
+_YES_NO_STARTS = (
+    "is", "are", "was", "were", "does", "do", "did", "has", "have", "had", "can", "could", "should",
+    "would", "will", "may", "might", "must", "shall",
+)
+_LOCATION_WORDS = ("where", "which side", "which part", "which corner", "which area", "which region", "location",
+                   "located", "position")
+
+
+class AnswerError(VerdictError):
+    """The model's output is not a valid answer to a follow-up question."""
+
+
+def question_kind(question: str) -> str:
+    """'location' for where-questions, 'yes_no' for questions that start like one, else 'open'."""
+    text = " ".join(question.lower().split())
+    if any(word in text for word in _LOCATION_WORDS):
+        return "location"
+    first = text.split(" ", 1)[0].strip("?,.!:;\"'") if text else ""
+    if first in _YES_NO_STARTS or first.endswith("n't"):
+        return "yes_no"
+    return "open"
+
+
+def answer_schema(kind: str) -> dict[str, Any]:
+    """JSON Schema of one answer: the typed field first (yes_no or location), then the answer text."""
+    properties: dict[str, Any] = {}
+    if kind == "yes_no":
+        properties["yes_no"] = {"enum": ["yes", "no"]}
+    elif kind == "location":
+        properties["location"] = {
+            "type": "array", "items": {"type": "string", "enum": list(GRID_WORDS)}, "maxItems": len(GRID_WORDS),
+        }
+    elif kind != "open":
+        raise ValueError(f"question kind must be one of {QUESTION_KINDS}, got {kind!r}")
+    properties["answer"] = {"type": "string", "maxLength": ANSWER_MAX}
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+def answer_grammar(kind: str) -> str:
+    """GBNF for exactly the answer object of `answer_schema(kind)`."""
+    answer_schema(kind)  # checks the kind
+    head = '"{" ws '
+    if kind == "yes_no":
+        head += '"\\"yes_no\\":" ws ( "\\"yes\\"" | "\\"no\\"" ) "," ws '
+    elif kind == "location":
+        head += '"\\"location\\":" ws location "," ws '
+    grid_enum = " | ".join(_gbnf_literal(json.dumps(w)) for w in GRID_WORDS)
+    rules = [
+        f'root ::= {head}"\\"answer\\":" ws answer ws "}}"',
+        f'answer ::= "\\"" char{{1,{ANSWER_MAX}}} "\\""',
+        f"grid ::= {grid_enum}",
+        f'location ::= "[" ws ( grid ( ws "," ws grid ){{0,{len(GRID_WORDS) - 1}}} ws )? "]"',
+        'char ::= [^"\\\\\\x7F\\x00-\\x1F] | "\\\\" ( ["\\\\/bfnrt] | "u" [0-9a-fA-F]{4} )',
+        'ws ::= ( " " | "\\n" " "{0,4} )?',
+    ]
+    return "\n".join(rules) + "\n"
+
+
+def parse_answer(text: str, kind: str) -> dict[str, Any]:
+    """Parse and check an answer: {"answer": str, "yes_no"?: "yes"|"no", "location"?: [grid words]}."""
+    cleaned = text.strip()
+    if not cleaned:
+        raise AnswerError("empty output")
+    try:
+        data = json.loads(cleaned)
+    except json.JSONDecodeError as exc:
+        raise AnswerError(f"not JSON: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise AnswerError(f"expected a JSON object, got {type(data).__name__}")
+    expected = set(answer_schema(kind)["properties"])
+    if set(data) != expected:
+        raise AnswerError(f"expected keys {sorted(expected)}, got {sorted(data)}")
+    answer = data["answer"]
+    if not isinstance(answer, str) or len(answer) > ANSWER_MAX:
+        raise AnswerError(f"answer must be a string of at most {ANSWER_MAX} characters")
+    out: dict[str, Any] = {"answer": answer.strip()}
+    if kind == "yes_no":
+        if data["yes_no"] not in ("yes", "no"):
+            raise AnswerError(f"yes_no must be 'yes' or 'no', got {data['yes_no']!r}")
+        out["yes_no"] = data["yes_no"]
+    if kind == "location":
+        location = data["location"]
+        if not isinstance(location, list) or any(word not in GRID_WORDS for word in location):
+            raise AnswerError(f"location must be a list of grid words {list(GRID_WORDS)}, got {location!r}")
+        out["location"] = list(_unique(location))
+    return out

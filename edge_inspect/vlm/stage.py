@@ -123,6 +123,7 @@ class VlmStage:
         self._in_flight: _Job | None = None
         self._stopping = False
         self._outstanding = 0  # accepted jobs whose update is not published yet (in progress)
+        self.ask_state: Callable[[], dict[str, Any]] | None = None  # vlm.ask.AskService.state, shown under "ask"
         if config.enabled:
             check_model_files(config)  # a wrong path fails the start, not every flagged frame
 
@@ -157,6 +158,7 @@ class VlmStage:
             "mode": self.config.mode,
             "last": last,
             "worker": self.worker.state(),
+            **({"ask": self.ask_state()} if self.ask_state is not None else {}),
         }
 
     def outstanding(self) -> int:

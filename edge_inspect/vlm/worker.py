@@ -215,8 +215,10 @@ class VlmWorker:
         messages: list[dict[str, Any]],
         grammar: str,
         timeout_s: float | None = None,
+        max_tokens: int | None = None,
     ) -> WorkerReply:
-        """Run one request. Waits for a (re)starting worker; fails fast when the model cannot load."""
+        """Run one request. Waits for a (re)starting worker; fails fast when the model cannot load.
+        `max_tokens` defaults to vlm.max_tokens (follow-up answers use vlm.ask.max_tokens)."""
         timeout_s = float(timeout_s or self.config.timeout_s)
         started = time.monotonic()
         with self._request_lock:
@@ -232,7 +234,7 @@ class VlmWorker:
                 request_id = self._request_id
                 model, chat_format = self._model, self._chat_format
             try:
-                reply, lost_reason = self._exchange(proc, conn, request_id, messages, grammar, timeout_s)
+                reply, lost_reason = self._exchange(proc, conn, request_id, messages, grammar, timeout_s, max_tokens)
             finally:
                 with self._cond:
                     self._busy = False
@@ -254,7 +256,8 @@ class VlmWorker:
             )
 
     def _exchange(
-        self, proc: Any, conn: Any, request_id: int, messages: list, grammar: str, timeout_s: float
+        self, proc: Any, conn: Any, request_id: int, messages: list, grammar: str, timeout_s: float,
+        max_tokens: int | None = None,
     ) -> tuple[dict[str, Any] | None, str]:
         request = {
             "op": "infer",
@@ -262,7 +265,7 @@ class VlmWorker:
             "messages": messages,
             "grammar": grammar,
             "timeout_s": timeout_s,
-            "max_tokens": self.config.max_tokens,
+            "max_tokens": max_tokens or self.config.max_tokens,
             "temperature": self.config.temperature,
             "seed": self.config.seed,
             "repeat_penalty": self.config.repeat_penalty,

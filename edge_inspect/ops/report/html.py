@@ -149,6 +149,11 @@ dl.facts dd { margin:0; }
 .verdict { background:#fff6e5; border:1px solid #f3dfb5; border-radius:8px; padding:9px 12px; margin-top:10px;
   font-size:14px; }
 .verdict.none { background:var(--bg); border-color:var(--line); color:var(--muted); }
+.chat { margin-top:10px; font-size:13.5px; border-top:1px solid var(--line); padding-top:8px; }
+.chat h4 { margin:4px 0; font-size:12.5px; color:var(--muted); font-weight:600; text-transform:uppercase; letter-spacing:.04em; }
+.chat .q { margin:6px 0 0; font-weight:600; }
+.chat .a { margin:2px 0 0 14px; }
+.chat small { color:var(--muted); font-weight:400; }
 .badge { display:inline-block; padding:1px 8px; border-radius:999px; font-size:12px; font-weight:650;
   letter-spacing:.03em; }
 .badge.ng { background:#fde2e2; color:#a61b1b; }
@@ -405,7 +410,25 @@ def _flag_card(row: ResultRow) -> list[str]:
         status = p.get("vlm_status") or "skipped"
         reason = f": {p['error']}" if p.get("error") else ""
         out.append(f'<div class="verdict none">VLM verdict: {_e(status)}{_e(reason)}</div>')
+    out += _conversation_block(row)
     out += ["</div>", "</div>", "</article>"]
+    return out
+
+
+def _conversation_block(row: ResultRow) -> list[str]:
+    """The follow-up questions asked about this part (edge-inspect ask / the ask topic), under its card."""
+    if not row.conversations:
+        return []
+    out = ['<div class="chat">']
+    for conversation_id, turns in row.conversations.items():
+        out.append(f"<h4>Questions · conversation {_e(conversation_id)} · {_e(_plural(len(turns), 'turn'))}</h4>")
+        for turn in turns:
+            answer = turn.get("answer") or {}
+            typed = answer.get("yes_no") or ", ".join(answer.get("location") or [])
+            when = _fmt_time(turn.get("answered_at"), millis=False) if turn.get("answered_at") else ""
+            out.append(f'<p class="q">Q: {_e(turn.get("question", ""))} <small>{_e(when)}</small></p>')
+            out.append(f'<p class="a">{f"<strong>{_e(typed)}</strong> — " if typed else ""}{_e(answer.get("answer", ""))}</p>')
+    out.append("</div>")
     return out
 
 

@@ -20,6 +20,7 @@ class ResultRow:
     payload: dict[str, Any]
     time: float  # UTC seconds since the epoch
     files: dict[str, Path] = field(default_factory=dict)  # frame / overlay / map that exist on disk
+    conversations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # follow-up Q&A by conversation id
 
     @property
     def inspection_id(self) -> str:
@@ -183,3 +184,21 @@ def _read_evidence(root: Path, rows: dict[str, ResultRow], run: RunData, since: 
                     _merge_update(row.payload, body)
                 row.payload.setdefault("evidence_path", body.get("evidence_path"))
             row.files = files
+            row.conversations = read_conversations(json_path.with_name(f"{inspection_id}.chat.jsonl"))
+
+
+def read_conversations(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The follow-up questions of one inspection (vlm/followup.py's JSON lines), by conversation id, in order."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return {}
+    conversations: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        try:
+            turn = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(turn, dict) and isinstance(turn.get("answer"), dict) and isinstance(turn.get("question"), str):
+            conversations.setdefault(str(turn.get("conversation_id", "default")), []).append(turn)
+    return conversations
