@@ -29,6 +29,7 @@ from ..config import AppConfig
 from ..evidence import EvidenceStore
 from ..mqtt.publisher import ResultPublisher
 from ..vlm import VlmStage
+from ..vlm.ask import daemon_ask_service, error_body
 from .flagged_queue import FlaggedQueue, FlaggedSink
 from .health import HealthMixin
 from .pipeline import CameraPipeline
@@ -63,6 +64,7 @@ class Daemon(ReloadMixin, HealthMixin):
         self._flagged_sink = flagged_sink
         self.flagged: FlaggedQueue | None = None
         self.vlm_stage = None  # vlm.VlmStage when vlm.enabled
+        self.ask = None  # vlm.ask.AskService: follow-up questions on .../ask
         self.evidence: EvidenceStore | None = None
         self.publisher = None
         self.pipelines: dict[str, CameraPipeline] = {}
@@ -92,7 +94,7 @@ class Daemon(ReloadMixin, HealthMixin):
                 capture.check()
             self.publisher = ResultPublisher(
                 config.mqtt, config.spool, config.station,
-                on_trigger=self._on_trigger, on_product_set=self._on_product_set,
+                on_trigger=self._on_trigger, on_product_set=self._on_product_set, on_ask=self._on_ask,
             )
             if self._flagged_sink is None and config.vlm.enabled:
                 # Checks the model files now: a wrong path fails the start, not every flagged frame.
@@ -112,6 +114,8 @@ class Daemon(ReloadMixin, HealthMixin):
         if self._flagged_sink is not None:
             self.flagged = FlaggedQueue(config.pipeline.flagged_queue_size, self._flagged_sink)
             self.flagged.start()
+        self.ask = daemon_ask_service(config, self.vlm_stage, self.evidence, self.publisher, self.flagged)
+        self.ask.start()
         with self._pipelines_lock:
             for camera in config.cameras:
                 pipeline = CameraPipeline(
@@ -218,6 +222,8 @@ class Daemon(ReloadMixin, HealthMixin):
             self.vlm_stage.stop(timeout=max(1.0, deadline - time.monotonic()))
             if self.flagged is not None:
                 self.flagged.join(time.monotonic() + 5.0)  # its last update goes out before the publisher stops
+        if self.ask is not None:
+            self.ask.stop(timeout=max(1.0, deadline - time.monotonic()))  # queued questions: error "stopping"
         if self.publisher is not None:
             self._publish_stats()
             self.publisher.stop(timeout=max(1.0, deadline - time.monotonic()))
@@ -229,6 +235,13 @@ class Daemon(ReloadMixin, HealthMixin):
         log.info("stopped")
 
     # --- commands from MQTT (paho's network thread: never block here) --------------------------
+
+    def _on_ask(self, request) -> None:
+        """A follow-up question (vlm/ask.py): checked and queued, never waited on."""
+        if self.ask is None:
+            self.publisher.publish_answer(error_body(request, "vlm_unavailable", "the daemon is starting; ask again"))
+            return
+        self.ask.submit(request)
 
     def _on_trigger(self, command) -> None:
         fired = False

@@ -37,6 +37,7 @@ from paho.mqtt.properties import Properties
 from .. import records
 from ..config.mqtt import MqttConfig, SpoolConfig
 from ..errors import ConfigError
+from .ask import AskRequest, answer_payload, answer_topic, ask_topic, parse_ask
 from .client import describe_connect_error, make_client, tls_context
 from .dispatch import CommandDispatcher, Route
 from .payloads import (
@@ -76,6 +77,7 @@ class ResultPublisher:
         station: str,
         on_trigger: Callable[[TriggerCommand], None] | None = None,
         on_product_set: Callable[[str], None] | None = None,
+        on_ask: Callable[[AskRequest], None] | None = None,
     ):
         try:
             self.station = check_station(station)
@@ -115,12 +117,14 @@ class ResultPublisher:
                 "connects", "disconnects", "connect_failures", "published", "replayed", "rejected", "inflight",
                 "malformed_commands", "retained_triggers_ignored", "command_errors", "triggers", "product_sets",
                 "images_published", "images_skipped", "spool_errors", "unspooled",
+                "asks", "answers_published", "answers_unsent",
             ),
             0,
         )
         self._commands = CommandDispatcher({
             self.topics.trigger: Route("trigger", parse_trigger, on_trigger, "triggers", ignore_retained=True),
             self.topics.product_set: Route("product/set", parse_product_set, on_product_set, "product_sets"),
+            ask_topic(self.topics): Route("ask", parse_ask, on_ask, "asks", ignore_retained=True),
         }, self._counts)
 
     # --- public API ---------------------------------------------------------------------------
@@ -189,6 +193,19 @@ class ResultPublisher:
             properties.UserProperty = [("inspection_id", inspection_id)]
         client.publish(self.topics.image(inspection_id), jpeg, qos=0, properties=properties)
         self._counts["images_published"] += 1
+
+    def publish_answer(self, body: dict) -> bool:
+        """Publish the answer to a follow-up question (`vlm.ask.Asker` body) on .../answer: QoS 1, not
+        retained, not spooled (an answer made while the broker is down is lost: the asker asks again)."""
+        payload = encode(answer_payload(self.station, body))
+        client = self._client
+        if client is None or not self._connected:
+            self._counts["answers_unsent"] += 1
+            log.warning("answer to request %s not sent: not connected to the broker", body.get("request_id"))
+            return False
+        client.publish(answer_topic(self.topics), payload, qos=1)
+        self._counts["answers_published"] += 1
+        return True
 
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (True) or `timeout` s passed (False). Publishing never needs this."""
