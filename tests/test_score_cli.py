@@ -14,6 +14,8 @@ import pytest
 
 from edge_inspect import cli
 from edge_inspect.localize import grid_words_for
+from edge_inspect.scorer.params import image_score
+from edge_inspect.scorer.product import load_product
 
 
 def _score(product: dict, *args: str) -> int:
@@ -94,7 +96,9 @@ def test_save_maps_writes_overlays_and_raw_maps(calibrated_product, tmp_path, ca
         assert not np.array_equal(overlay, frame)
         amap = np.load(out / f"{path.stem}_map.npy")
         assert amap.dtype == np.float32 and amap.ndim == 2
-        assert float(amap.max()) == pytest.approx(record["score"], abs=1e-4)
+        # The score is the mean of the map's hottest pixels (scorer.params.image_score): the saved map is the one scored.
+        params = load_product(calibrated_product["calibration_dir"], calibrated_product["name"], calibrated_product["engines_dir"]).params
+        assert image_score(amap, params) == pytest.approx(record["score"], rel=1e-4)
 
 
 def test_table_output_and_fail_on_ng(calibrated_product, capsys):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from edge_inspect.scorer.backbone import tap_channels, tap_stride
-from edge_inspect.scorer.params import ScorerParams, feature_dim, output_dim, parse_tap, projection_matrix
+from edge_inspect.scorer.params import (
+    ScorerParams, feature_dim, image_score, output_dim, parse_tap, projection_matrix, score_topk_count,
+)
 
 
 def test_taps_name_block_outputs_and_expansions():
@@ -36,12 +38,31 @@ def test_taps_are_kept_in_network_order_and_old_manifests_load():
 
 
 def test_projection_is_derived_from_the_params_alone():
-    params = ScorerParams()
+    wide = dict(taps=("block4", "expand8"), projection_dim=192)
+    params = ScorerParams(**wide)
     assert feature_dim(params) == 40 + 480 and output_dim(params) == params.projection_dim == 192
     p = projection_matrix(params)
     assert p.shape == (192, 520) and p.dtype == np.float32
-    np.testing.assert_array_equal(p, projection_matrix(ScorerParams()))
-    other = projection_matrix(ScorerParams(projection_seed=1))
+    np.testing.assert_array_equal(p, projection_matrix(ScorerParams(**wide)))
+    other = projection_matrix(ScorerParams(taps=wide["taps"], projection_dim=192, projection_seed=1))
     assert not np.allclose(p, other)
-    assert projection_matrix(ScorerParams(projection_dim=600)) is None  # no point projecting up
-    assert output_dim(ScorerParams(projection_dim=0)) == 520
+    assert projection_matrix(ScorerParams(taps=wide["taps"], projection_dim=600)) is None  # no point projecting up
+    assert output_dim(ScorerParams(taps=wide["taps"], projection_dim=0)) == 520
+    # The default taps (block 4 + block 10: 152 raw dims) need no projection.
+    assert projection_matrix(ScorerParams()) is None and output_dim(ScorerParams()) == 40 + 112
+
+
+def test_image_score_is_the_mean_of_the_hottest_pixels():
+    amap = np.zeros((100, 100), np.float32)
+    amap[:10, :10] = 2.0  # 100 hot pixels = 1 % of the map
+    amap[50, 50] = 9.0  # one hotter pixel
+    assert image_score(amap, ScorerParams(input_size=(100, 100), score_topk=0.0)) == pytest.approx(9.0)
+    assert score_topk_count(ScorerParams(input_size=(100, 100), score_topk=0.01)) == 100
+    assert image_score(amap, ScorerParams(input_size=(100, 100), score_topk=0.01)) == pytest.approx((9.0 + 99 * 2.0) / 100)
+    assert score_topk_count(ScorerParams(input_size=(1024, 1024), score_topk=0.01)) == 3839  # TensorRT's TopK limit
+    with pytest.raises(ValueError, match="score_topk"):
+        ScorerParams(score_topk=0.9)
+    # Calibrations written before score_topk existed scored the map's max, and still do.
+    old = ScorerParams().to_json()
+    del old["score_topk"]
+    assert ScorerParams.from_json(old).score_topk == 0.0

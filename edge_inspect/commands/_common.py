@@ -28,22 +28,43 @@ def add_dirs(parser) -> None:
     parser.add_argument("--engines-dir", default="engines", help="folder of ONNX graphs and TensorRT plans (default: ./engines)")
 
 
+def add_threshold_options(parser) -> None:
+    parser.add_argument(
+        "--false-reject-rate", type=float, default=None, metavar="RATE",
+        help="share of good parts the automatic threshold may reject (default 0.01 = 1 %%); lower rejects fewer and misses more",
+    )
+    parser.add_argument("--sensitivity", type=float, default=None, help="old name: S means --false-reject-rate S x 0.01")
+
+
 def calibration_options(args):
     """CalibrationOptions from the options `calibrate` and `evaluate` share."""
     from ..scorer.calibrate import CalibrationOptions, parse_augment
     from ..scorer.params import ScorerParams
+    from ..scorer.threshold import (
+        DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE, MIN_FALSE_REJECT_RATE, rate_from_sensitivity,
+    )
 
     if args.size % 32 or not 64 <= args.size <= 1024:
         raise UserError(f"--size {args.size}: use a multiple of 32 between 64 and 1024 (256 is the default)")
     if not 64 <= args.bank_size <= 65536:
         raise UserError(f"--bank-size {args.bank_size}: use 64..65536")
-    if not 0.1 <= args.sensitivity <= 10:
-        raise UserError(f"--sensitivity {args.sensitivity}: use a value between 0.1 and 10 (1 = default)")
+    rate = args.false_reject_rate
+    if args.sensitivity is not None:
+        if rate is not None:
+            raise UserError("--sensitivity is the old name of --false-reject-rate (S means S x 1 %): give one of them")
+        if not 0.1 <= args.sensitivity <= 10:
+            raise UserError(f"--sensitivity {args.sensitivity}: use a value between 0.1 and 10 (1 = 1 % false rejects)")
+        rate = rate_from_sensitivity(args.sensitivity)
+    rate = DEFAULT_FALSE_REJECT_RATE if rate is None else rate
+    if not MIN_FALSE_REJECT_RATE <= rate <= MAX_FALSE_REJECT_RATE:
+        raise UserError(
+            f"--false-reject-rate {rate}: use {MIN_FALSE_REJECT_RATE} .. {MAX_FALSE_REJECT_RATE} (0.01 = 1 % of good parts rejected)"
+        )
     return CalibrationOptions(
         params=ScorerParams(input_size=(args.size, args.size)),
         roi=parse_roi(args.roi),
         augment=parse_augment(args.augment),
         bank_size=args.bank_size,
-        sensitivity=args.sensitivity,
+        false_reject_rate=rate,
         seed=getattr(args, "seed", 0),
     )

@@ -6,7 +6,7 @@ import json
 
 
 def add_parser(subparsers) -> None:
-    from ._common import add_dirs
+    from ._common import add_dirs, add_threshold_options
 
     p = subparsers.add_parser("calibrate", help="build a product's memory bank and automatic threshold from good images")
     p.add_argument("--product", required=True, help="product name (letters, digits, - _ .)")
@@ -14,9 +14,9 @@ def add_parser(subparsers) -> None:
     add_dirs(p)
     p.add_argument("--roi", help="x,y,width,height crop applied to every image and frame of this product")
     p.add_argument("--size", type=int, default=256, help="square scorer input size in pixels, multiple of 32 (default 256)")
-    p.add_argument("--augment", default="jitter", help="comma list of jitter (small rotations, default), hflip, vflip, rot90, shift — or none")
-    p.add_argument("--sensitivity", type=float, default=1.0, help="higher flags more (0.1-10, default 1)")
-    p.add_argument("--bank-size", type=int, default=2048, help="max memory bank patches after the coreset (default 2048)")
+    p.add_argument("--augment", default="none", help="none (default), or a comma list of jitter (small rotations), hflip, vflip, rot90, shift")
+    add_threshold_options(p)
+    p.add_argument("--bank-size", type=int, default=4096, help="max memory bank patches; more are thinned by the coreset (default 4096)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing calibration of this product")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -43,6 +43,7 @@ def run(args) -> int:
         "scorer_onnx": str(product.scorer_onnx),
         "images": len(images),
         "threshold": round(product.threshold, 5),
+        "false_reject_rate": evidence["false_reject_rate"],
         "loo_scores": evidence["loo_scores"],
         "synthetic_detected": evidence.get("synthetic_detected"),
         "bank_patches": product.manifest["bank"]["patches"],
@@ -52,7 +53,8 @@ def run(args) -> int:
         print(json.dumps(summary))
     else:
         print(f"calibrated {product.name} from {len(images)} good images in {summary['seconds']} s")
-        print(f"  threshold        {summary['threshold']}  (good parts left out: {', '.join(f'{s:.3f}' for s in summary['loo_scores'])})")
+        print(f"  threshold        {summary['threshold']}  (for {100 * summary['false_reject_rate']:g} % false rejects; "
+              f"good parts left out: {', '.join(f'{s:.3f}' for s in summary['loo_scores'])})")
         if summary["synthetic_detected"] is not None:
             print(f"  synthetic flaws  {100 * summary['synthetic_detected']:.0f}% flagged at this threshold")
         print(f"  memory bank      {summary['bank_patches']} patches")

@@ -6,6 +6,8 @@ import json
 
 
 def add_parser(subparsers) -> None:
+    from ._common import add_threshold_options
+
     p = subparsers.add_parser("evaluate", help="calibrate on N good shots of MVTec-layout datasets and measure quality")
     p.add_argument(
         "datasets", nargs="+", metavar="DATASET",
@@ -19,9 +21,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--engines-dir", default="engines", help="where the backbone ONNX lives (default ./engines)")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--augment", default="jitter", help="as in calibrate (default jitter)")
-    p.add_argument("--sensitivity", type=float, default=1.0)
-    p.add_argument("--bank-size", type=int, default=2048)
+    p.add_argument("--augment", default="none", help="as in calibrate (default none)")
+    add_threshold_options(p)
+    p.add_argument("--bank-size", type=int, default=4096)
     p.add_argument("--roi")
     p.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt"])
     p.add_argument("--threads", type=int, default=0)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..scorer.backbone import BN_EPS, INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads
-from ..scorer.params import ScorerParams, gaussian_kernel_1d, parse_tap, projection_matrix
+from ..scorer.params import ScorerParams, gaussian_kernel_1d, parse_tap, projection_matrix, score_topk_count
 from .weights import load_state_dict_numpy
 
 
@@ -163,5 +163,6 @@ class ReferenceScorer(nn.Module):
         full = F.pad(full, (r, r, r, r), mode="replicate")
         full = F.conv2d(full, self.kernel.reshape(1, 1, 1, -1))
         full = F.conv2d(full, self.kernel.reshape(1, 1, -1, 1))
-        score = full.amax(dim=(1, 2, 3))
+        k = score_topk_count(self.params)
+        score = full.amax(dim=(1, 2, 3)) if k <= 1 else full.flatten(1).topk(k, dim=1).values.mean(dim=1)
         return full, score

@@ -33,20 +33,21 @@ from ..records import is_product_name
 from .backbone import tap_channels
 from .backends.trt_compat import check_tensorrt_compat
 from .memory_bank import features_to_patches, greedy_coreset, nearest_distances
-from .params import ScorerParams, gaussian_kernel_1d, projection_matrix
+from .params import ScorerParams, gaussian_kernel_1d, image_score, projection_matrix
 from .product import load_product
 from .scorer_graph import build_features_model, build_scorer_model, folded_from_model, save_model
 from .synth import synthetic_anomaly
-from .threshold import DEFAULT_SENSITIVITY, automatic_threshold
+from .threshold import DEFAULT_FALSE_REJECT_RATE, automatic_threshold
 
 log = logging.getLogger(__name__)
 
 MIN_IMAGES = 2
 RECOMMENDED_IMAGES = 4
-# jitter: +-6 degree rotations, the small pose changes every real fixture lets through (default);
-# the others for products that appear flipped, turned or shifted on the line.
+# jitter: +-6 degree rotations, for products whose pose varies; the others for products that appear
+# flipped, turned or shifted on the line. None by default: on the real sets the rotated views cost
+# image AUROC (their interpolation and border artefacts become "normal" patches; docs/scorer.md).
 AUGMENTATIONS = ("jitter", "hflip", "vflip", "rot90", "shift")
-DEFAULT_AUGMENT = ("jitter",)
+DEFAULT_AUGMENT: tuple[str, ...] = ()
 BACKBONE_FILE = "backbone/efficientnet_lite0.onnx"
 REFERENCE_SIZE = 256  # longest side of the stored good reference images
 MANIFEST_VERSION = 1
@@ -57,8 +58,12 @@ class CalibrationOptions:
     params: ScorerParams = field(default_factory=ScorerParams)
     roi: tuple[int, int, int, int] | None = None
     augment: tuple[str, ...] = DEFAULT_AUGMENT
-    bank_size: int = 2048  # most patches kept after the coreset (bounds the per-frame kNN cost)
-    sensitivity: float = DEFAULT_SENSITIVITY
+    # Most patches kept; beyond it the greedy coreset picks them. 4096 holds every patch of 4 shots at
+    # 256 x 256 (a full bank is what few shots want); more shots or pixels are thinned to bound the kNN cost.
+    bank_size: int = 4096
+    # Divide each tapped layer by its mean patch norm. Helped on generated textures, not on real parts.
+    layer_scales: bool = False
+    false_reject_rate: float = DEFAULT_FALSE_REJECT_RATE  # the one threshold knob (threshold.py)
     synthetic_per_image: int = 2
     seed: int = 0
 
@@ -103,6 +108,20 @@ def augmented(bgr: np.ndarray, kinds: Sequence[str], rng: np.random.Generator) -
             dx, dy = (rng.uniform(-0.05, 0.05, 2) * (w, h)).astype(int)
             m = np.float32([[1, 0, dx], [0, 1, dy]])
             out.append(cv2.warpAffine(bgr, m, (w, h), borderMode=cv2.BORDER_REFLECT_101))
+    return out
+
+
+def nuisance_views(bgr: np.ndarray) -> list[np.ndarray]:
+    """Threshold evidence, never bank content: the part-to-part variation of a fixtured line (a 2 %
+    shift either way, gain 0.95 and 1.05). Scored leave-one-out, they sample the good parts' score
+    tail five times as densely as the shots alone."""
+    h, w = bgr.shape[:2]
+    out = []
+    for f in (0.02, -0.02):
+        m = np.float32([[1, 0, round(f * w)], [0, 1, round(f * h)]])
+        out.append(cv2.warpAffine(bgr, m, (w, h), borderMode=cv2.BORDER_REFLECT_101))
+    for gain in (0.95, 1.05):
+        out.append(np.clip(bgr.astype(np.float32) * gain, 0, 255).astype(np.uint8))
     return out
 
 
@@ -164,7 +183,7 @@ def score_patches(features: np.ndarray, bank: np.ndarray, params: ScorerParams) 
     d, h, w = features.shape
     dist = nearest_distances(features.reshape(d, h * w).T, bank).reshape(h, w)
     amap = anomaly_map_from_distances(dist, params)
-    return float(amap.max()), amap
+    return image_score(amap, params), amap
 
 
 def layer_channels(params: ScorerParams) -> list[int]:
@@ -189,7 +208,7 @@ def channel_scales(params: ScorerParams) -> np.ndarray:
 
 def feature_transform(params: ScorerParams) -> Callable[[np.ndarray], np.ndarray]:
     """Raw features [..., D, h, w] -> what the scorer graph compares: layer-scaled, then projected."""
-    weights = channel_scales(params)[:, None]  # [D, 1]
+    weights = (channel_scales(params) if params.layer_scales else np.ones(sum(layer_channels(params)), np.float32))[:, None]  # [D, 1]
     projection = projection_matrix(params)
     if projection is not None:
         weights = (projection * weights.T).T  # [D, P]: scale each input channel, then project
@@ -280,7 +299,8 @@ def calibrate_product(
         bar.update(1)
 
     # Equalise the tapped layers' contributions, then bake the scales into the graph's parameters.
-    params = with_layer_scales(params, np.stack(own))
+    if options.layer_scales:
+        params = with_layer_scales(params, np.stack(own))
     transform = feature_transform(params)
     own = [transform(f) for f in own]
     per_image = [features_to_patches(transform(p)) for p in per_image]
@@ -294,9 +314,11 @@ def calibrate_product(
     step("leave-one-out")
     # Each good image against a bank of the *other* good images: how a new good part will score.
     others_of = [np.concatenate([p for j, p in enumerate(per_image) if j != i]) for i in range(len(per_image))]
-    loo = []
+    loo, view_scores = [], []
     for i, f in enumerate(own):
         loo.append(score_patches(f, others_of[i], params)[0])
+        for view in nuisance_views(images[i]):
+            view_scores.append(score_patches(transform(extractor(view)[0]), others_of[i], params)[0])
         bar.update(1)
 
     step("synthetic anomalies")
@@ -321,7 +343,7 @@ def calibrate_product(
             bar.update(1)
     del others_of
 
-    threshold, evidence = automatic_threshold(np.array(loo), np.array(synthetic), options.sensitivity)
+    threshold, evidence = automatic_threshold(np.array(loo), np.array(synthetic), options.false_reject_rate, np.array(view_scores))
     in_sample = [score_patches(f, bank, params)[0] for f in own]
     evidence["calibration_scores"] = [round(float(s), 5) for s in in_sample]
 
@@ -354,7 +376,7 @@ def calibrate_product(
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
     np.save(tmp_dir / "references" / "embeddings.npy", emb)
     (tmp_dir / "references" / "references.json").write_text(json.dumps(names, indent=1))
-    threshold_doc = {"threshold": threshold, "sensitivity": options.sensitivity, "evidence": evidence}
+    threshold_doc = {"threshold": threshold, "false_reject_rate": options.false_reject_rate, "evidence": evidence}
     (tmp_dir / "threshold.json").write_text(json.dumps(threshold_doc, indent=1))
     calibration_id = f"{product}@{bank_sha[:12]}"
     manifest: dict[str, Any] = {
@@ -370,7 +392,7 @@ def calibrate_product(
         "augment": list(options.augment),
         "seed": options.seed,
         "threshold": threshold,
-        "sensitivity": options.sensitivity,
+        "false_reject_rate": options.false_reject_rate,
         "bank": {"file": "memory_bank.npy", "patches": int(bank.shape[0]), "dim": int(bank.shape[1]), "from_patches": int(all_patches.shape[0]), "sha256": bank_sha},
         "backbone": {"file": BACKBONE_FILE, "sha256": backbone_sha, "architecture": "efficientnet-lite0"},
         "scorer_onnx": {"file": engine_name, "sha256": _sha256(engines / engine_name)},
@@ -390,7 +412,7 @@ def calibrate_product(
     if evidence.get("synthetic_detected", 1.0) < 0.5:
         log.warning(
             "at the automatic threshold only %.0f%% of synthetic anomalies are flagged: add more good images, set "
-            "an ROI, or raise --sensitivity", 100 * evidence["synthetic_detected"],
+            "an ROI, or raise --false-reject-rate", 100 * evidence["synthetic_detected"],
         )
     return load_product(calibration_dir, product, engines_dir)
 

@@ -8,7 +8,7 @@ Three graphs share one trunk builder:
 
 Static shapes, opset 17, and only these ops, all compiled by TensorRT 10 (see docs/scorer.md):
 Conv, Clip, Add, Sub, Mul, AveragePool, Resize (linear, half_pixel), Concat, Slice, Reshape, Transpose, MatMul,
-ReduceSum, ReduceMin, ReduceMax, Max, Sqrt, Pad (reflect, edge), GlobalAveragePool, Flatten, Gemm.
+ReduceSum, ReduceMin, ReduceMax, ReduceMean, TopK, Max, Sqrt, Pad (reflect, edge), GlobalAveragePool, Flatten, Gemm.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .backbone import INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads, tap_channels, tap_stride
-from .params import ScorerParams, gaussian_kernel_1d, output_dim, parse_tap, projection_matrix
+from .params import ScorerParams, gaussian_kernel_1d, output_dim, parse_tap, projection_matrix, score_topk_count
 
 OPSET = 17
 IR_VERSION = 8  # readable by onnxruntime >= 1.10 and TensorRT 10's parser
@@ -239,7 +239,14 @@ def build_scorer_model(
     full = g.op("Conv", [full, g.const(kernel.reshape(1, 1, 1, -1), "gauss_x")], prefix="smooth", kernel_shape=[1, kernel.size])
     g.op("Conv", [full, g.const(kernel.reshape(1, 1, -1, 1), "gauss_y")], prefix="smooth", kernel_shape=[kernel.size, 1])
     g.nodes[-1].output[0] = "anomaly_map"
-    g.op("ReduceMax", ["anomaly_map"], prefix="score", keepdims=0)
+    k = score_topk_count(params)
+    if k > 1:  # mean of the k hottest pixels: TopK on the flattened map, then ReduceMean
+        flat = g.op("Reshape", ["anomaly_map", g.const(np.array([1, H * W], np.int64))], prefix="score")
+        top = g.name("score_topk")
+        g.nodes.append(helper.make_node("TopK", [flat, g.const(np.array([k], np.int64))], [top, top + "_indices"], name=top, axis=1, largest=1, sorted=1))
+        g.op("ReduceMean", [top], prefix="score", axes=[1], keepdims=0)
+    else:
+        g.op("ReduceMax", ["anomaly_map"], prefix="score", keepdims=0)
     g.op("Reshape", [g.nodes[-1].output[0], g.const(np.array([1], np.int64))], prefix="score")
     g.nodes[-1].output[0] = "score"
     outputs = [

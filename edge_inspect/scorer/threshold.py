@@ -1,53 +1,88 @@
 """The automatic threshold: chosen from good parts only, no defective sample needed.
 
+One knob: the false-reject rate the line accepts (`--false-reject-rate`, default 1 %). The threshold
+is the score a good part exceeds with that probability, read off a model of the good parts' score tail.
+
 Evidence, computed at calibration:
 - leave-one-out (LOO) scores: each good image scored against a bank built from the *other* good
-  images. A new good part is scored against all of them, so LOO scores are a slightly pessimistic
-  sample of what good parts will score.
-- synthetic anomaly scores: good images with a Poisson-blended cut-paste patch (subtle, realistic
-  structure errors) scored against the full bank: what a small real defect scores at least.
+  images: how a new good part will score.
+- nuisance views: each good image shifted by 2 % and with its gain at 0.95 / 1.05 (what a fixtured
+  line varies from part to part), scored against the same leave-one-out bank. Four shots give four
+  LOO scores, a thin sample of a tail; the views give five times as many.
+- synthetic anomaly scores: good images with a Poisson-blended cut-paste patch, scored against the
+  same bank: reported (`synthetic_detected`) so calibration can warn when they would pass.
 
-Rule (documented in docs/scorer.md): the good level is the highest LOO score; the threshold sits a
-margin above it. The margin grows with the spread of the LOO scores (a product whose good parts vary
-needs more room) and shrinks with `sensitivity`. If the synthetic anomalies would be missed at that
-threshold, the evidence says so (`synthetic_detected`), and `edge-inspect calibrate` warns: the
-product needs more good images, an ROI, or a higher sensitivity.
+Model: the image score is a maximum over many patches, so its tail is modelled as a Gumbel
+(extreme-value type I) distribution, fitted by the method of moments to the LOO and view scores. The
+threshold is its (1 - rate) quantile, and never below the highest LOO score of an original shot (a
+threshold that rejects a known good part is wrong whatever the model says). The spread has a floor
+(5 % of the mean score) so four near-identical shots cannot give a threshold on top of them.
+
+`--sensitivity S` is kept as an alias: it means a false-reject rate of S x 1 %.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
+DEFAULT_FALSE_REJECT_RATE = 0.01
+MIN_FALSE_REJECT_RATE = 1e-4
+MAX_FALSE_REJECT_RATE = 0.5
 DEFAULT_SENSITIVITY = 1.0
-MARGIN_FRACTION = 0.2  # of the highest leave-one-out score
-MARGIN_STDS = 2.0  # leave-one-out standard deviations
+EULER_GAMMA = 0.5772156649015329
+MIN_RELATIVE_SPREAD = 0.05  # of the mean good score: the Gumbel's spread never goes below it
 
 
-def automatic_threshold(loo_scores: np.ndarray, synthetic_scores: np.ndarray, sensitivity: float = DEFAULT_SENSITIVITY) -> tuple[float, dict[str, Any]]:
+def rate_from_sensitivity(sensitivity: float) -> float:
+    """The old knob as the new one: sensitivity 1 = 1 % false rejects, 2 = 2 %, 0.5 = 0.5 %."""
     if not 0.1 <= sensitivity <= 10:
         raise ValueError("sensitivity must be between 0.1 and 10 (1 = default; higher flags more)")
-    loo = np.asarray(loo_scores, np.float64)
-    syn = np.asarray(synthetic_scores, np.float64)
-    good_max = float(loo.max())
-    good_median = float(np.median(loo))
-    spread = float(loo.std()) if loo.size > 1 else 0.1 * good_max
-    # Margin above the worst good part: at least 20% of its score, more where good parts vary. Four
-    # leave-one-out scores are a thin sample of the good parts' tail; over 15 calibrations on seven
-    # sets, a 10% / 1.5 std margin rejected 5.5% of good parts on average, this one 2.8% (F1 0.47 ->
-    # 0.40; docs/scorer.md). False rejects cost a line its trust in the tool, so the default leans
-    # that way; --sensitivity moves along the curve.
-    margin = max(MARGIN_FRACTION * good_max, MARGIN_STDS * spread)
-    threshold = good_max + margin / sensitivity
+    return DEFAULT_FALSE_REJECT_RATE * sensitivity
+
+
+def gumbel_fit(scores: np.ndarray) -> tuple[float, float]:
+    """(location, scale) of a Gumbel fitted by moments: mean = mu + gamma*beta, std = pi*beta/sqrt(6)."""
+    x = np.asarray(scores, np.float64)
+    spread = max(float(x.std()), MIN_RELATIVE_SPREAD * abs(float(x.mean())))
+    beta = spread * math.sqrt(6.0) / math.pi
+    return float(x.mean()) - EULER_GAMMA * beta, beta
+
+
+def gumbel_quantile(mu: float, beta: float, p: float) -> float:
+    return mu - beta * math.log(-math.log(p))
+
+
+def automatic_threshold(
+    loo_scores: np.ndarray,
+    synthetic_scores: np.ndarray,
+    false_reject_rate: float = DEFAULT_FALSE_REJECT_RATE,
+    view_scores: np.ndarray | None = None,
+) -> tuple[float, dict[str, Any]]:
+    if not MIN_FALSE_REJECT_RATE <= false_reject_rate <= MAX_FALSE_REJECT_RATE:
+        raise ValueError(
+            f"false-reject rate {false_reject_rate}: use {MIN_FALSE_REJECT_RATE} .. {MAX_FALSE_REJECT_RATE} "
+            "(0.01 = 1 % of good parts rejected, the default)"
+        )
+    loo = np.asarray(loo_scores, np.float64).ravel()
+    views = np.asarray(view_scores if view_scores is not None else [], np.float64).ravel()
+    syn = np.asarray(synthetic_scores, np.float64).ravel()
+    if loo.size == 0:
+        raise ValueError("no leave-one-out scores: calibration needs at least two good images")
+    good = np.concatenate([loo, views])
+    mu, beta = gumbel_fit(good)
+    quantile = gumbel_quantile(mu, beta, 1.0 - false_reject_rate)
+    threshold = max(quantile, float(loo.max()))
     evidence: dict[str, Any] = {
-        "rule": f"max(loo) + max({MARGIN_FRACTION}*max(loo), {MARGIN_STDS}*std(loo)) / sensitivity",
-        "sensitivity": sensitivity,
+        "rule": "max(max(loo), Gumbel(loo + views) quantile at 1 - false_reject_rate)",
+        "false_reject_rate": false_reject_rate,
+        "gumbel": {"mu": round(mu, 6), "beta": round(beta, 6), "quantile": round(quantile, 6), "samples": int(good.size)},
         "loo_scores": [round(float(s), 5) for s in loo],
-        "loo_max": round(good_max, 5),
-        "loo_median": round(good_median, 5),
-        "loo_std": round(spread, 5),
-        "margin": round(margin, 5),
+        "view_scores": [round(float(s), 5) for s in views],
+        "loo_max": round(float(loo.max()), 5),
+        "loo_median": round(float(np.median(loo)), 5),
         "synthetic_scores": [round(float(s), 5) for s in syn],
     }
     if syn.size:
