@@ -156,6 +156,7 @@ class Capture:
         self._seq = 0
         self._source: FrameSource | None = None
         self._reader: threading.Thread | None = None
+        self._generation_of_reader = 0
         self._watcher: threading.Thread | None = None
         self.frames_in = RateMeter()
         self.frames_total = 0
@@ -186,6 +187,19 @@ class Capture:
                 thread.join(timeout)
         if self._state != CaptureState.FINISHED:
             self._set_state(CaptureState.STOPPED, "")
+
+    def join(self, timeout: float) -> bool:
+        """Wait until no reader thread of this capture runs native code any more (decoders, drivers):
+        a thread inside OpenCV when the interpreter exits aborts the process ("terminate called without
+        an active exception", exit 134). True when every thread ended."""
+        deadline = time.monotonic() + timeout
+        for thread in (self._reader, self._watcher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in (self._reader, self._watcher) if t is not None and t.is_alive()]
+        if alive:
+            log.warning("%s: capture thread(s) %s still busy after %gs", self.name, ", ".join(alive), timeout)
+        return not alive
 
     @property
     def state(self) -> CaptureState:
@@ -222,6 +236,7 @@ class Capture:
     def _start_reader(self) -> None:
         with self._lock:
             generation = self._generation
+            self._generation_of_reader = generation
             source = self._probe or self._factory(self.source_config, self.reconnect)
             self._probe = None
             self._source = source
@@ -311,7 +326,20 @@ class Capture:
     # the stall watcher
 
     def _watch(self) -> None:
+        waiting_logged = False
         while not self._stop.wait(0.25):
+            stuck = self._reader
+            if stuck is not None and stuck.is_alive() and self._generation_of_reader != self._generation:
+                # The previous reader was told to stop but is still inside a driver call: a second reader
+                # would open the device again next to it (EBUSY on V4L2, one more thread and handle per stall).
+                if not waiting_logged:
+                    log.warning("%s: the stalled reader has not returned yet; reopening once it does", self.name)
+                    waiting_logged = True
+                continue
+            if self._generation_of_reader != self._generation:
+                waiting_logged = False
+                self._start_reader()
+                continue
             if self.state != CaptureState.STALLED:
                 continue
             with self._lock:
@@ -324,6 +352,5 @@ class Capture:
             self.reconnects += 1
             log.warning("%s: %s: reopening %s (reconnect #%d)", self.name, self.last_error, self.description, self.reconnects)
             self._set_state(CaptureState.STALLED, self.last_error)
-            # The stalled reader may be stuck inside a driver call: leave it (it exits when the call
-            # returns and sees it is outdated) and read on a fresh source object.
-            self._start_reader()
+            # The stalled reader exits when its call returns and sees it is outdated; the next tick starts
+            # a fresh one on a fresh source object, only once it has.

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -30,7 +31,9 @@ from ..config.capture import (
     UrlSourceConfig,
     V4l2SourceConfig,
 )
+from .. import imageio
 from ..errors import UserError
+from ..imageio import check_decode_size, check_frame, frame_note
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +84,13 @@ class FrameSource(ABC):
 
 
 def to_bgr(frame: np.ndarray) -> np.ndarray:
-    """Grayscale or BGRA frames as 3-channel BGR uint8 (what the scorer takes)."""
-
-    if frame.ndim == 2:
-        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-    if frame.shape[2] == 4:
-        return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
-    if frame.dtype != np.uint8:
-        raise SourceError(f"frames of type {frame.dtype} are not supported; configure the source for 8-bit output")
-    return frame
+    """Grey, 16-bit or BGRA frames as 3-channel BGR uint8 (what the scorer takes); a frame too small or of
+    an unknown layout is a SourceError saying so."""
+    try:
+        check_frame(frame, "the frame")
+    except UserError as exc:
+        raise SourceError(str(exc)) from None
+    return imageio.to_bgr(frame)
 
 
 class _OpenCvSource(FrameSource):
@@ -170,7 +171,47 @@ class V4l2Source(_OpenCvSource):
         return 1.0 / self.config.fps if self.config.fps else 0.0
 
 
-_FFMPEG_OPTIONS_LOCK = threading.Lock()
+class _FfmpegOptions:
+    """OPENCV_FFMPEG_CAPTURE_OPTIONS is process-wide and read while a capture opens. Opens that need the
+    same value (or none) run side by side; only one needing a different value waits. No lock is held
+    through an open, so one camera's 10 s timeout never serialises every other camera's reconnect."""
+
+    VARIABLE = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._value: str | None = None
+        self._users = 0
+        self._previous: str | None = None
+
+    @contextlib.contextmanager
+    def using(self, value: str | None):
+        if value is None:  # needs no option: an http(s) open ignores an rtsp_transport set for another camera
+            yield
+            return
+        with self._cond:
+            while self._users and self._value != value:
+                self._cond.wait()
+            if self._users == 0:
+                self._previous = os.environ.get(self.VARIABLE)
+                os.environ[self.VARIABLE] = value
+                self._value = value
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if self._users == 0:
+                    if self._previous is None:
+                        os.environ.pop(self.VARIABLE, None)
+                    else:
+                        os.environ[self.VARIABLE] = self._previous
+                    self._value = None
+                    self._cond.notify_all()
+
+
+_FFMPEG_OPTIONS = _FfmpegOptions()
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -202,17 +243,9 @@ class UrlSource(_OpenCvSource):
             raise SourceError(str(exc)) from None
 
         # OpenCV reads FFmpeg demuxer options from this variable when a capture opens.
-        with _FFMPEG_OPTIONS_LOCK:
-            previous = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS")
-            if self.config.url.startswith(("rtsp://", "rtsps://")):
-                os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{self.config.rtsp_transport}"
-            try:
-                return cv2.VideoCapture(url, cv2.CAP_FFMPEG, self._timeouts())
-            finally:
-                if previous is None:
-                    os.environ.pop("OPENCV_FFMPEG_CAPTURE_OPTIONS", None)
-                else:
-                    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = previous
+        rtsp = self.config.url.startswith(("rtsp://", "rtsps://"))
+        with _FFMPEG_OPTIONS.using(f"rtsp_transport;{self.config.rtsp_transport}" if rtsp else None):
+            return cv2.VideoCapture(url, cv2.CAP_FFMPEG, self._timeouts())
 
     def describe(self) -> str:
         return f"url {redact_url(self.config.url)}"
@@ -256,6 +289,7 @@ class ReplaySource(FrameSource):
         self._cap = None
         self._position = 0
         self._next_due: float | None = None
+        self._noted: set[str] = set()
 
     def check(self) -> None:
         if not self.path.exists():
@@ -301,10 +335,22 @@ class ReplaySource(FrameSource):
             self._position = 0
         file = self._files[self._position]
         self._position += 1  # a broken file is skipped after the reconnect, not retried forever
-        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+            check_decode_size(file, data[:65536])  # never decode a 64 MP file just to find out
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+            if image is not None:
+                check_frame(image, f"image {file}")
+        except (OSError, UserError, cv2.error) as exc:
+            raise SourceError(f"cannot read image {file} (skipped): {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}") from None
         if image is None:
-            raise SourceError(f"cannot read image {file}")
-        return image
+            raise SourceError(f"cannot read image {file} (skipped): empty, truncated or not an image file")
+        note = frame_note(image)
+        if note is not None and note not in self._noted:
+            self._noted.add(note)
+            log.warning("replay %s: %s (%s); calibrate with frames of the same kind", self.path, note, file.name)
+        return to_bgr(image)
 
     def _read_video(self) -> np.ndarray:
         if self._cap is None:

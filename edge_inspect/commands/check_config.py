@@ -23,7 +23,24 @@ def run(args) -> int:
     from ..capture.sources import create_source
     from ..config import load_config
 
+    from ..errors import ConfigError
+
     config = load_config(args.file)
+    mqtt = config.mqtt
+    password, password_from = mqtt.resolve_password()
+    if mqtt.username and password is None:
+        raise ConfigError(
+            f"{args.file}: mqtt.username is {mqtt.username!r} but no password was found: put it in the systemd "
+            f"credential {mqtt.password_credential!r} ($CREDENTIALS_DIRECTORY/{mqtt.password_credential}) or the "
+            f"environment variable {mqtt.password_env}, or set mqtt.username: null for an anonymous broker"
+        )
+    if mqtt.tls.enabled:
+        from ..mqtt.client import tls_context
+
+        try:
+            tls_context(mqtt)  # what `run` builds before connecting: a missing or broken PEM fails here too
+        except ConfigError as exc:
+            raise ConfigError(f"{args.file}: {exc}") from None
     if args.products:
         from ..scorer.product import load_product
 
@@ -33,7 +50,6 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
-    _, password_from = config.mqtt.resolve_password()
     print(f"{args.file}: OK")
     print(f"  station {config.station}; broker {config.mqtt.host}:{config.mqtt.broker_port}"
           f"{' (TLS)' if config.mqtt.tls.enabled else ''}; password: {password_from}")

@@ -192,6 +192,7 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, Any]:
         node = loader.get_single_node()
         if node is None:
             raise ConfigValidationError(source, [ConfigProblem(None, "", "the file is empty; start from examples/config.yaml")])
+        _bound_expansion(node, source)
         problems = list(_duplicate_keys(node, ""))
         if problems:
             raise ConfigValidationError(source, problems)
@@ -208,6 +209,29 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, Any]:
     finally:
         loader.dispose()
     return node, data
+
+
+# A config is a few hundred values; aliases (*name) that expand to more than this are an alias bomb.
+MAX_EXPANDED_NODES = 20_000
+
+
+def _bound_expansion(root: yaml.Node, source: str) -> None:
+    """Count the nodes the document expands to (an alias counts its whole subtree again), stopping early."""
+    count = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_EXPANDED_NODES:
+            raise ConfigValidationError(source, [ConfigProblem(
+                _line(node), "", f"the YAML expands to more than {MAX_EXPANDED_NODES} values through anchors and aliases "
+                "(&name / *name); write the values out instead of nesting aliases")])
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                stack.append(key_node)
+                stack.append(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def _duplicate_keys(node: yaml.Node, path: str):
@@ -348,6 +372,8 @@ def _problem(error: dict[str, Any], root: yaml.Node) -> ConfigProblem:
                     line, key = _line(k), f"{key}.type"
         got = error.get("ctx", {}).get("tag", value)
         text = f"{got!r} is not a known type; use one of {', '.join(tags)}" if tags else message
+    elif kind == "value_error" and isinstance(value, (list, dict)):
+        text = message  # our own validator on a whole section or list: its message names the item and the fix
     else:
         described = hint and kind != "value_error"  # our own validators already say how to fix it
         text = f"{_show(value)} is not valid: {message}" + (f". ({hint})" if described else "")

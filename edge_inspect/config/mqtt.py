@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,25 @@ from .base import Section
 
 # Characters MQTT gives a meaning to in topic filters, plus NUL; never allowed in our topic parts.
 _TOPIC_FORBIDDEN = re.compile(r"[+#\x00]")
+
+# The names mqtt.client_id may contain, as {name}; nothing else (no index, attribute, conversion or format spec).
+CLIENT_ID_FIELDS = ("station", "hostname")
+
+
+def check_client_id_template(value: str) -> str:
+    """Refuse anything str.format would fail on or could abuse; only {station} and {hostname} are filled in."""
+    fix = f"use only {', '.join('{' + f + '}' for f in CLIENT_ID_FIELDS)} and write a literal brace as {{{{ or }}}}"
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"client_id {value!r} is not a valid template ({exc}); {fix}") from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in CLIENT_ID_FIELDS or spec or conversion:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"client_id {value!r}: {shown} is not a placeholder edge-inspect fills in; {fix}")
+    return value
 
 
 class TlsConfig(Section):
@@ -72,8 +92,8 @@ class MqttConfig(Section):
         "edge-inspect-{station}",
         min_length=1,
         max_length=128,
-        description="MQTT client id; {station} and {hostname} are filled in. Must be unique per station: "
-        "a second client with the same id disconnects the first.",
+        description="MQTT client id; {station} and {hostname} are filled in (no other placeholder; a literal "
+        "brace is written {{ or }}). Must be unique per station: a second client with the same id disconnects the first.",
     )
     keepalive_s: int = Field(
         30, ge=5, le=3600,
@@ -112,6 +132,11 @@ class MqttConfig(Section):
     def _protocol_as_text(cls, value: object) -> object:
         # YAML reads `protocol: 5` as an integer.
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("client_id")
+    @classmethod
+    def _valid_client_id(cls, value: str) -> str:
+        return check_client_id_template(value)
 
     @field_validator("topic_prefix")
     @classmethod

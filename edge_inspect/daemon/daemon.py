@@ -71,6 +71,9 @@ class Daemon(ReloadMixin, HealthMixin):
         self.counters = Counters("reloads", "reload_errors", "product_switches", "product_switch_errors", "triggers_unused")
         self._product_override: str | None = None
         self._product_lock = threading.Lock()
+        self._switch_cond = threading.Condition()  # the one product-switch worker (reload.py) waits on it
+        self._switch_wanted: str | None = None
+        self._switch_thread: threading.Thread | None = None
         self._pipelines_lock = threading.Lock()
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
@@ -85,8 +88,10 @@ class Daemon(ReloadMixin, HealthMixin):
         self._install_signals()
         config = self.config
         log.info("edge-inspect daemon starting: station %s, %d camera(s)", config.station, len(config.cameras))
-        scorers = {camera.name: self._load_scorer(camera.product) for camera in config.cameras}
+        scorers = {}
         try:
+            for camera in config.cameras:
+                scorers[camera.name] = self._load_scorer(camera.product)
 
             captures = {camera.name: Capture(camera.name, camera.source, camera.reconnect, on_state=self._on_capture_state)
                         for camera in config.cameras}
@@ -200,6 +205,10 @@ class Daemon(ReloadMixin, HealthMixin):
 
     def _shutdown(self) -> None:
         self._stopping = True
+        with self._switch_cond:
+            self._switch_cond.notify_all()
+        if self._switch_thread is not None:
+            self._switch_thread.join(timeout=30.0)  # a switch loading a scorer finishes before the pipelines close
         drain = self.config.pipeline.drain_timeout_s
         deadline = time.monotonic() + drain
         self.notifier.stopping(status=f"stopping: draining in-flight inspections (at most {drain:g}s)")
@@ -231,6 +240,8 @@ class Daemon(ReloadMixin, HealthMixin):
             self.evidence.close(timeout=max(2.0, deadline - time.monotonic()))
         for pipeline in pipelines:
             pipeline.close_scorer()
+        for pipeline in pipelines:
+            pipeline.capture.join(timeout=10.0)  # no capture thread may still be decoding when the process exits
         self.notifier.close()
         log.info("stopped")
 

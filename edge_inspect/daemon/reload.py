@@ -15,7 +15,7 @@ import numpy as np
 
 from ..capture.reader import Capture
 from ..config import load_config
-from ..errors import ConfigError, UserError
+from ..errors import CalibrationError, UserError
 from ..scorer.product import Scorer, load_product
 from .pipeline import CameraPipeline
 
@@ -30,16 +30,51 @@ class ReloadMixin:
     """Product switch, scorer loading and config reload of the Daemon."""
 
     def _on_product_set(self, product: str) -> None:
-        threading.Thread(target=self._switch_product, args=(product,), name="product-switch", daemon=True).start()
+        """paho's network thread: hand the name to the one switch worker (the latest request wins)."""
+        with self._switch_cond:
+            self._switch_wanted = product
+            if self._switch_thread is None or not self._switch_thread.is_alive():
+                self._switch_thread = threading.Thread(target=self._switch_worker, name="product-switch", daemon=True)
+                self._switch_thread.start()
+            self._switch_cond.notify()
+
+    def _switch_worker(self) -> None:
+        """The one product-switch thread: takes the newest wanted product, never dies on an error."""
+        while True:
+            with self._switch_cond:
+                while self._switch_wanted is None and not self._stopping:
+                    self._switch_cond.wait(1.0)
+                if self._stopping:
+                    return
+                product, self._switch_wanted = self._switch_wanted, None
+            try:
+                self._switch_product(product)
+            except Exception:  # noqa: BLE001 - a bug in one switch must not end every later one
+                self.counters.add("product_switch_errors")
+                log.exception("product switch to %r failed; still running the previous product", product)
 
     def _switch_product(self, product: str) -> None:
         with self._product_lock:
+            with self._pipelines_lock:
+                names = list(self.pipelines)
+                current = {p.product_name for p in self.pipelines.values()}
+            if current == {product}:
+                log.info("product/set %s: every camera already runs it; nothing to do", product)
+                return
             log.info("switching every camera to product %s (MQTT product/set)", product)
+            scorers: dict[str, object] = {}
             try:
-                scorers = {name: self._load_scorer(product) for name in list(self.pipelines)}
-            except UserError as exc:
+                for name in names:
+                    # Never a TensorRT build on a remote command: it takes minutes and a broker user could start it.
+                    scorers[name] = self._load_scorer(product, allow_build=False)
+            except Exception as exc:  # noqa: BLE001 - UserError is the expected kind; anything else is logged in full
+                for scorer in scorers.values():
+                    scorer.close()
                 self.counters.add("product_switch_errors")
-                log.error("product switch to %r refused: %s", product, exc)
+                if isinstance(exc, UserError):
+                    log.error("product switch to %r refused, still running the previous product: %s", product, exc)
+                else:
+                    log.exception("product switch to %r failed, still running the previous product", product)
                 return
             self._product_override = product
             with self._pipelines_lock:
@@ -53,14 +88,26 @@ class ReloadMixin:
 
     # --- models -------------------------------------------------------------------------------
 
-    def _load_scorer(self, product_name: str):
-        """Load a calibration and build its scorer, warmed up (the first run of a graph is slow)."""
+    def _load_scorer(self, product_name: str, allow_build: bool | None = None):
+        """Load a calibration and build its scorer, warmed up (the first run of a graph is slow).
 
+        allow_build None = scoring.allow_engine_build (the start); reloads and switches pass False.
+        Every failure is a UserError naming the file and the fix; nothing half-built is left open.
+        """
         scoring = self.config.scoring
         product = load_product(scoring.calibration_dir, product_name, scoring.engines_dir)
-        scorer = Scorer(product, backend=scoring.backend, threads=scoring.threads, precision=scoring.precision, allow_build=scoring.allow_engine_build)
-        h, w = product.input_size
-        scorer.score(np.zeros((h, w, 3), np.uint8))
+        build = scoring.allow_engine_build if allow_build is None else allow_build
+        scorer = Scorer(product, backend=scoring.backend, threads=scoring.threads, precision=scoring.precision, allow_build=build)
+        try:
+            h, w = product.input_size
+            scorer.score(np.zeros((h, w, 3), np.uint8))
+        except Exception as exc:  # noqa: BLE001 - a graph that loads but cannot run
+            scorer.close()
+            raise CalibrationError(
+                f"the scorer graph {product.scorer_onnx} of product {product_name!r} fails on a test frame "
+                f"({type(exc).__name__}: {exc}); recalibrate with `edge-inspect calibrate --product {product_name} "
+                "--images DIR --force`"
+            ) from None
         log.info("loaded product %s (calibration %s, threshold %.4f, %s)", product.name, product.calibration_id,
                  product.threshold, scorer.backend.describe())
         return scorer
@@ -73,6 +120,7 @@ class ReloadMixin:
             return
         self.notifier.reloading()
         log.info("reloading %s", self.config_path)
+        scorers: dict[str, object] = {}
         try:
             new = load_config(self.config_path)
             changed = [key for key in _RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
@@ -83,18 +131,20 @@ class ReloadMixin:
                             "the VLM stage are kept", "/".join(changed))
             new = new.model_copy(update={key: getattr(self.config, key) for key in _RESTART_ONLY})
             with self._product_lock:
-                scorers = {c.name: self._load_scorer(self._product_override or c.product) for c in new.cameras}
+                for c in new.cameras:
+                    # No TensorRT build here: this runs on the loop that feeds the systemd watchdog.
+                    scorers[c.name] = self._load_scorer(self._product_override or c.product, allow_build=False)
                 for camera in new.cameras:
-                    try:
-                        Capture(camera.name, camera.source, camera.reconnect).check()
-                    except UserError:
-                        for scorer in scorers.values():
-                            scorer.close()
-                        raise
-        except (ConfigError, UserError) as exc:
+                    Capture(camera.name, camera.source, camera.reconnect).check()
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the previous config keeps running
+            for scorer in scorers.values():
+                scorer.close()
             self.counters.add("reload_errors")
-            log.error("reload refused, still running the previous config: %s", exc)
-            self.notifier.ready(status=f"reload failed: {str(exc).splitlines()[0]}")
+            if isinstance(exc, UserError):
+                log.error("reload refused, still running the previous config: %s", exc)
+            else:
+                log.exception("reload failed, still running the previous config")
+            self.notifier.ready(status=f"reload failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
             return
         deadline = time.monotonic() + new.pipeline.drain_timeout_s
         with self._pipelines_lock:

@@ -52,9 +52,13 @@ class CommandDispatcher:
             return
         try:
             command = route.parse(payload)
-        except ValueError as exc:
+        except (ValueError, RecursionError, MemoryError) as exc:
             self.counts["malformed_commands"] += 1
             log.warning("ignored malformed %s command: %s (payload %r)", route.name, exc, payload[:80])
+            return
+        except Exception:  # noqa: BLE001 - a parser bug must not escape into paho's network thread
+            self.counts["command_errors"] += 1
+            log.exception("parsing a %s command failed (payload %r)", route.name, payload[:80])
             return
         self.counts[route.counter] += 1
         if route.handler is None:

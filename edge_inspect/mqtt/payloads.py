@@ -260,6 +260,32 @@ class TriggerCommand:
     received_at: float = 0.0  # UTC seconds since the epoch when the message arrived
 
 
+# Commands are flat objects; a deeper payload is refused before json.loads (which recurses per level).
+MAX_COMMAND_NESTING = 8
+
+
+def _check_nesting(text: str, what: str) -> None:
+    """Refuse JSON nested deeper than MAX_COMMAND_NESTING, counting brackets outside strings."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_COMMAND_NESTING:
+                raise ValueError(f"{what} payload is nested more than {MAX_COMMAND_NESTING} levels deep; send a flat JSON object")
+        elif char in "]}":
+            depth -= 1
+
+
 def _json_object(payload: bytes, what: str) -> dict[str, Any]:
     if len(payload) > MAX_COMMAND_BYTES:
         raise ValueError(f"{what} payload is {len(payload)} bytes; at most {MAX_COMMAND_BYTES}")
@@ -267,6 +293,7 @@ def _json_object(payload: bytes, what: str) -> dict[str, Any]:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{what} payload is not UTF-8 text") from None
+    _check_nesting(text, what)
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [key for key, _ in pairs]
@@ -307,7 +334,10 @@ def parse_trigger(payload: bytes, now: float | None = None) -> TriggerCommand:
     if part_id is not None:
         if not isinstance(part_id, str):
             raise ValueError(f"trigger part_id must be a string, got {type(part_id).__name__}")
-        if not part_id.strip() or len(part_id) > MAX_PART_ID_CHARS:
+        if not part_id.strip():
+            raise ValueError(f"trigger part_id {part_id!r} is blank (only whitespace); send a part id with visible "
+                             "characters, or leave part_id out")
+        if len(part_id) > MAX_PART_ID_CHARS:
             raise ValueError(f"trigger part_id must have 1-{MAX_PART_ID_CHARS} characters, got {len(part_id)}")
         if _has_control_chars(part_id):
             raise ValueError("trigger part_id contains control characters")

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, UserError
 from ..imageio import crop_roi, read_bgr, to_input
 from ..records import ScoreResult
 from .backends import ScorerBackend, create_backend
@@ -50,8 +51,73 @@ def default_engines_dir(calibration_dir: str | Path) -> Path:
     return Path(calibration_dir).resolve().parent / "engines"
 
 
-def load_product(calibration_dir: str | Path, product: str, engines_dir: str | Path | None = None) -> ProductCalibration:
-    """Load calibration/<product>/ and check its files; errors say how to fix them."""
+def _recalibrate(product: str) -> str:
+    return f"recalibrate with `edge-inspect calibrate --product {product} --images DIR --force`"
+
+
+def _read_json_object(path: Path, product: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CalibrationError(f"{path} is missing: {_recalibrate(product)}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CalibrationError(f"{path} is damaged ({exc}): {_recalibrate(product)}") from None
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{path} is damaged (a JSON {type(data).__name__}, not an object): {_recalibrate(product)}")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_bank(directory: Path, entry: Any, product: str) -> None:
+    """memory_bank.npy must load and hash (of its array bytes) to what calibrate recorded."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise CalibrationError(f"{directory / 'manifest.json'}: `bank` has no sha256: {_recalibrate(product)}")
+    path = directory / str(entry.get("file", "memory_bank.npy"))
+    try:
+        bank = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CalibrationError(f"{path} (the memory bank) is missing: {_recalibrate(product)}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise CalibrationError(f"{path} (the memory bank) is damaged or truncated ({exc}): {_recalibrate(product)}") from None
+    if hashlib.sha256(np.ascontiguousarray(bank).tobytes()).hexdigest() != entry["sha256"]:
+        raise CalibrationError(
+            f"{path} (the memory bank) does not match the sha256 in {directory / 'manifest.json'}: it was changed or "
+            f"damaged after calibration; {_recalibrate(product)}"
+        )
+
+
+def _check_file_hash(path: Path, entry: dict[str, Any], what: str, manifest_path: Path, product: str) -> None:
+    expected = entry.get("sha256")
+    if not isinstance(expected, str):
+        return  # older manifests without a hash: nothing to compare against
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise CalibrationError(f"{path} ({what}) cannot be read ({exc}): {_recalibrate(product)}") from None
+    if actual != expected:
+        raise CalibrationError(
+            f"{path} ({what}) does not match the sha256 in {manifest_path}: it was replaced or damaged after "
+            f"calibration (or another product's calibration overwrote it); {_recalibrate(product)}"
+        )
+
+
+def load_product(calibration_dir: str | Path, product: str, engines_dir: str | Path | None = None,
+                 verify: bool = True) -> ProductCalibration:
+    """Load calibration/<product>/ and check its files; every problem is a CalibrationError naming the file and the fix.
+
+    verify: also check the sha256 the manifest records for the memory bank and both graphs.
+    """
     directory = Path(calibration_dir) / product
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
@@ -61,32 +127,60 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
             f"product {product!r} is not calibrated in {calibration_dir}{hint}: run "
             f"`edge-inspect calibrate --product {product} --images DIR`"
         )
+    manifest = _read_json_object(manifest_path, product)
+    threshold_path = directory / "threshold.json"
+    threshold_doc = _read_json_object(threshold_path, product)
+
+    def damaged(where: Path, what: str) -> CalibrationError:
+        return CalibrationError(f"{where} is damaged ({what}): {_recalibrate(product)}")
+
+    threshold = threshold_doc.get("threshold")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not np.isfinite(threshold):
+        raise damaged(threshold_path, f"`threshold` is {threshold!r}, not a finite number")
+    calibration_id = manifest.get("calibration_id")
+    if not isinstance(calibration_id, str) or not calibration_id:
+        raise damaged(manifest_path, f"`calibration_id` is {calibration_id!r}, not a non-empty text")
+    input_size = manifest.get("input_size")
+    if not (isinstance(input_size, list) and len(input_size) == 2 and all(_is_int(v) and v > 0 for v in input_size)):
+        raise damaged(manifest_path, f"`input_size` is {input_size!r}, not [height, width]")
+    roi = manifest.get("roi")
+    if roi is not None and not (
+        isinstance(roi, list) and len(roi) == 4 and all(_is_int(v) and v >= 0 for v in roi) and roi[2] > 0 and roi[3] > 0
+    ):
+        raise damaged(manifest_path, f"`roi` is {roi!r}, not null or [x, y, width, height]")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        threshold_doc = json.loads((directory / "threshold.json").read_text())
         params = ScorerParams.from_json(manifest["params"])
-        engines = Path(engines_dir) if engines_dir else default_engines_dir(calibration_dir)
-        scorer_onnx = engines / manifest["scorer_onnx"]["file"]
-        features_onnx = engines / manifest["features_onnx"]["file"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CalibrationError(f"{directory} is damaged ({exc}); recalibrate with --force") from exc
+    except Exception as exc:  # noqa: BLE001 - any shape of damage in the params block
+        raise damaged(manifest_path, f"`params`: {type(exc).__name__}: {exc}") from None
+    engines = Path(engines_dir) if engines_dir else default_engines_dir(calibration_dir)
+    graphs = {}
+    for key in ("scorer_onnx", "features_onnx"):
+        entry = manifest.get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
+            raise damaged(manifest_path, f"`{key}` has no file name")
+        graphs[key] = (engines / entry["file"], entry)
+    scorer_onnx, features_onnx = graphs["scorer_onnx"][0], graphs["features_onnx"][0]
     if not scorer_onnx.is_file():
         raise CalibrationError(
             f"the scorer graph {scorer_onnx} of product {product!r} is missing (engines dir {engines}); "
             f"recalibrate with `edge-inspect calibrate --product {product} --images DIR --force` or point "
             "scoring.engines_dir at the folder that holds it"
         )
-    roi = tuple(manifest["roi"]) if manifest.get("roi") else None
+    if verify:
+        _check_bank(directory, manifest.get("bank"), product)
+        _check_file_hash(scorer_onnx, graphs["scorer_onnx"][1], "the scorer graph", manifest_path, product)
+        if features_onnx.is_file():  # only the VLM's reference retrieval needs it; ReferenceIndex says so when missing
+            _check_file_hash(features_onnx, graphs["features_onnx"][1], "the feature graph", manifest_path, product)
     return ProductCalibration(
         name=product,
         directory=directory,
         engines_dir=engines,
-        input_size=tuple(manifest["input_size"]),
-        threshold=float(threshold_doc["threshold"]),
-        roi=roi,  # type: ignore[arg-type]
+        input_size=(input_size[0], input_size[1]),
+        threshold=float(threshold),
+        roi=tuple(roi) if roi else None,  # type: ignore[arg-type]
         scorer_onnx=scorer_onnx,
         features_onnx=features_onnx,
-        calibration_id=manifest["calibration_id"],
+        calibration_id=calibration_id,
         params=params,
         manifest=manifest,
     )
@@ -97,10 +191,23 @@ class Scorer:
 
     def __init__(self, product: ProductCalibration, backend: str | ScorerBackend = "auto", threads: int = 0, **backend_options: Any) -> None:
         self.product = product
-        self.backend = backend if isinstance(backend, ScorerBackend) else create_backend(backend, product.scorer_onnx, threads=threads, product=product, **backend_options)
+        if isinstance(backend, ScorerBackend):
+            self.backend = backend
+        else:
+            try:
+                self.backend = create_backend(backend, product.scorer_onnx, threads=threads, product=product, **backend_options)
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime/TensorRT refuse a damaged graph in many ways
+                raise CalibrationError(
+                    f"the scorer graph {product.scorer_onnx} of product {product.name!r} does not load "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): {_recalibrate(product.name)}"
+                ) from None
         expected = (1, 3, *product.input_size)
         if tuple(self.backend.input_shape) != expected:
-            raise CalibrationError(f"scorer graph input {self.backend.input_shape} does not match the calibration {expected}")
+            self.backend.close()
+            raise CalibrationError(f"scorer graph {product.scorer_onnx} input {self.backend.input_shape} does not match the "
+                                   f"calibration {expected}: {_recalibrate(product.name)}")
         self._input = np.empty(expected, dtype=np.float32)
 
     def prepare(self, bgr: np.ndarray) -> np.ndarray:
@@ -130,13 +237,21 @@ class ReferenceIndex:
     def __init__(self, product: ProductCalibration, threads: int = 1) -> None:
         ref_dir = product.directory / "references"
         self.product = product
-        self.files = [ref_dir / e["file"] for e in json.loads((ref_dir / "references.json").read_text())]
-        self.embeddings = np.load(ref_dir / "embeddings.npy")
+        try:
+            self.files = [ref_dir / e["file"] for e in json.loads((ref_dir / "references.json").read_text())]
+            self.embeddings = np.load(ref_dir / "embeddings.npy", allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+            raise CalibrationError(f"the good references in {ref_dir} are missing or damaged ({exc}): "
+                                   f"{_recalibrate(product.name)}") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         if not product.features_onnx.is_file():
             raise CalibrationError(f"feature graph {product.features_onnx} is missing: recalibrate product {product.name!r} with --force")
-        self.session = ort.InferenceSession(str(product.features_onnx), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(product.features_onnx), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - a damaged graph
+            raise CalibrationError(f"the feature graph {product.features_onnx} does not load ({type(exc).__name__}): "
+                                   f"{_recalibrate(product.name)}") from None
 
     def embed(self, bgr: np.ndarray) -> np.ndarray:
         x = to_input(crop_roi(bgr, self.product.roi), self.product.input_size)

@@ -1,0 +1,403 @@
+"""Issue 14 (outside fault audit), the parts that need no broker: config refusals, command payload
+bounds, calibration damage, the CLI's exit codes and a closed stdout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_inspect import cli
+from edge_inspect.config import ConfigError, parse_config
+from edge_inspect.errors import CalibrationError
+from edge_inspect.mqtt.dispatch import CommandDispatcher, Route
+from edge_inspect.mqtt.payloads import parse_product_set, parse_trigger
+
+BASE = """\
+station: s1
+cameras:
+  - name: cam1
+    product: p
+    source: {type: replay, path: /tmp, fps: 5, loop: true}
+"""
+
+
+def _check(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return subprocess.run([sys.executable, "-m", "edge_inspect.cli", "check-config", str(path), *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+# --- mqtt.client_id templates ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["{x}", "qa{", "{0}", "{station.__class__}", "{station!r}", "{station:>40}", "a}b"])
+def test_client_id_templates_beyond_station_and_hostname_are_refused_naming_the_key(template):
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE + f"mqtt: {{client_id: {json.dumps(template)}}}\n")
+    assert "mqtt.client_id" in str(err.value) and "{station}" in str(err.value)
+
+
+def test_client_id_placeholders_and_escaped_braces_resolve():
+    config = parse_config(BASE + 'mqtt: {client_id: "ei-{station}-{hostname}-{{x}}"}\n')
+    assert config.mqtt.resolved_client_id("s1", hostname="h") == "ei-s1-h-{x}"
+
+
+# --- strict scalars and clearer messages ------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, key", [
+    (BASE + "mqtt: {port: true}\n", "mqtt.port"),
+    (BASE.replace("loop: true", 'loop: "yes"'), "cameras[0].source.loop"),
+    (BASE.replace("loop: true", "loop: 1"), "cameras[0].source.loop"),
+    (BASE.replace("fps: 5", "fps: .nan"), "cameras[0].source.fps"),
+    (BASE.replace("fps: 5", "fps: .inf"), "cameras[0].source.fps"),
+    (BASE + 'mqtt: {port: "1883"}\n', "mqtt.port"),
+])
+def test_booleans_numbers_and_nan_are_taken_as_written(text, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    message = str(err.value)
+    assert key in message
+    assert "less than or equal" not in message  # nan used to be "not <= 1000"
+
+
+def test_integers_still_pass_as_floats():
+    config = parse_config(BASE + "mqtt: {reconnect_min_s: 1, reconnect_max_s: 2}\n")
+    assert config.mqtt.reconnect_max_s == 2.0
+
+
+def test_duplicate_camera_names_name_the_camera_without_dumping_the_list():
+    text = BASE + "  - {name: cam1, product: p, source: {type: replay, path: /tmp}}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    message = str(err.value)
+    assert "camera name 'cam1' is used twice" in message and "'source'" not in message
+
+
+def test_yaml_alias_bomb_is_refused_quickly():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        parse_config("\n".join(lines) + "\nstation: *a8\n")
+
+
+def test_small_aliases_still_work():
+    text = BASE.replace("    source: {type: replay, path: /tmp, fps: 5, loop: true}",
+                        "    source: &src {type: replay, path: /tmp, fps: 5, loop: true}")
+    text += "  - {name: cam2, product: p, source: *src}\n"
+    assert len(parse_config(text).cameras) == 2
+
+
+def test_username_without_password_and_missing_ca_fail_check_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGE_INSPECT_MQTT_PASSWORD", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    done = _check(tmp_path, BASE + "mqtt: {username: bob}\n")
+    assert done.returncode == 2 and "mqtt.username" in done.stderr and "EDGE_INSPECT_MQTT_PASSWORD" in done.stderr
+    monkeypatch.setenv("EDGE_INSPECT_MQTT_PASSWORD", "secret")
+    assert _check(tmp_path, BASE + "mqtt: {username: bob}\n").returncode == 0
+    done = _check(tmp_path, BASE + f"mqtt: {{tls: {{enabled: true, ca_file: {tmp_path / 'nope.pem'}}}}}\n")
+    assert done.returncode == 2 and "mqtt.tls.ca_file" in done.stderr
+
+
+# --- command payloads -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parse", [parse_trigger, parse_product_set])
+def test_deeply_nested_json_is_refused_before_parsing(parse):
+    for payload in (b"[" * 2000 + b"]" * 2000, b"{" + b'"a":{' * 600 + b"}" * 601):
+        with pytest.raises(ValueError, match="nested"):
+            parse(payload)
+
+
+def test_brackets_inside_strings_are_not_nesting():
+    assert parse_trigger(b'{"part_id": "[[[[[[[[[[[[{{{{{{{{{{\\\\\\""}').part_id == '[[[[[[[[[[[[{{{{{{{{{{\\"'
+
+
+def test_a_blank_part_id_says_it_is_blank():
+    with pytest.raises(ValueError, match="blank"):
+        parse_trigger(b'{"part_id": "   "}')
+
+
+def test_a_parser_that_raises_anything_is_counted_never_raised():
+    def explode(_payload):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    def bug(_payload):
+        raise KeyError("x")
+
+    counts = {"malformed_commands": 0, "command_errors": 0, "a": 0, "b": 0}
+    dispatcher = CommandDispatcher({"t/a": Route("a", explode, None, "a"), "t/b": Route("b", bug, None, "b")}, counts)
+    dispatcher.dispatch("t/a", b"[]")
+    dispatcher.dispatch("t/b", b"[]")
+    assert counts["malformed_commands"] == 1 and counts["command_errors"] == 1
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+def test_an_uncaught_exception_exits_3_with_the_traceback(monkeypatch, capsys):
+    from edge_inspect.commands import check_config
+
+    def boom(_args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(check_config, "run", boom)
+    assert cli.main(["check-config", "x.yaml"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug" in err and "internal error" in err
+
+
+def test_check_config_into_a_closed_pipe_prints_no_traceback(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE)
+    for extra in ([], ["--json"]):
+        proc = subprocess.Popen([sys.executable, "-m", "edge_inspect.cli", "check-config", str(path), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.read(1)  # `| head -c1`: read one byte, then close the pipe
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(120) == 0, err
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# --- damaged calibrations ---------------------------------------------------------------------
+
+
+def _damage(kind: str, product_dir: Path, engines: Path) -> str:
+    """Damage one copied calibration; returns the file name the error must mention."""
+    manifest_path = product_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if kind == "threshold":
+        (product_dir / "threshold.json").write_text(json.dumps({"threshold": "high"}))
+        return "threshold.json"
+    if kind == "roi":
+        manifest["roi"] = 5
+    elif kind == "no_id":
+        del manifest["calibration_id"]
+    elif kind == "manifest_not_json":
+        manifest_path.write_text("{not json")
+        return "manifest.json"
+    elif kind == "garbage_onnx":
+        (engines / manifest["scorer_onnx"]["file"]).write_bytes(b"\x00garbage" * 100)
+        return manifest["scorer_onnx"]["file"]
+    elif kind == "truncated_bank":
+        bank = product_dir / "memory_bank.npy"
+        bank.write_bytes(bank.read_bytes()[:1000])
+        return "memory_bank.npy"
+    elif kind == "bank_changed":
+        bank = np.load(product_dir / "memory_bank.npy")
+        bank[0, 0] += 1.0
+        np.save(product_dir / "memory_bank.npy", bank)
+        return "memory_bank.npy"
+    manifest_path.write_text(json.dumps(manifest))
+    return "manifest.json"
+
+
+DAMAGE = ["threshold", "roi", "no_id", "manifest_not_json", "garbage_onnx", "truncated_bank", "bank_changed"]
+
+
+@pytest.fixture
+def damaged_copy(tmp_path, calibrated_product):
+    """A fresh copy of the calibrated product and its engines dir, to damage."""
+    calibration = tmp_path / "calibration"
+    shutil.copytree(calibrated_product["calibration_dir"], calibration)
+    engines = tmp_path / "engines"
+    shutil.copytree(calibrated_product["engines_dir"], engines, symlinks=True)
+    return calibration, engines, calibrated_product["name"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_calibration_is_a_user_error_naming_the_file_and_the_fix(kind, damaged_copy, tmp_path, calibrated_product):
+    from edge_inspect.scorer.product import load_product
+
+    calibration, engines, name = damaged_copy
+    load_product(calibration, name, engines)  # the undamaged copy loads
+    culprit = _damage(kind, calibration / name, engines)
+    with pytest.raises(CalibrationError) as err:
+        load_product(calibration, name, engines)
+    assert culprit in str(err.value) and "--force" in str(err.value)
+
+    # check-config --products says the same, exit 2, never "every calibration loads"
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(calibrated_product["good"][0], frames / "0000.png")
+    config = (f"station: s1\nscoring: {{calibration_dir: {calibration}, engines_dir: {engines}}}\n"
+              f"cameras:\n  - {{name: cam1, product: {name}, source: {{type: replay, path: {frames}}}}}\n")
+    done = _check(tmp_path, config, "--products")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert culprit in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_scorer_graph_that_does_not_load_is_a_calibration_error(damaged_copy):
+    """Even with a matching hash (an older manifest without one), the backend's refusal is a UserError."""
+    from edge_inspect.scorer.product import Scorer, load_product
+
+    calibration, engines, name = damaged_copy
+    manifest_path = calibration / name / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["scorer_onnx"]["sha256"]
+    manifest_path.write_text(json.dumps(manifest))
+    (engines / manifest["scorer_onnx"]["file"]).write_bytes(b"garbage")
+    product = load_product(calibration, name, engines)
+    with pytest.raises(CalibrationError, match="does not load"):
+        Scorer(product, backend="onnxruntime", threads=1)
+
+
+# --- frames: size cap before decode, conversions said, tiny frames refused --------------------
+
+
+def _replay(folder: Path):
+    from edge_inspect.capture.sources import ReplaySource
+    from edge_inspect.config import ReplaySourceConfig
+
+    source = ReplaySource(ReplaySourceConfig(type="replay", path=str(folder)))
+    source.open()
+    return source
+
+
+def test_replay_refuses_a_huge_image_from_its_header_without_decoding(tmp_path, monkeypatch):
+    import cv2
+
+    from edge_inspect.capture.sources import SourceError
+
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (8000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00"
+    (tmp_path / "a.png").write_bytes(header + b"\x00" * 64)
+    decoded = []
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(a))
+    with pytest.raises(SourceError, match=r"a\.png.*8000x8000.*MP"):
+        _replay(tmp_path).read()
+    assert not decoded
+
+
+def test_replay_converts_16_bit_grey_and_rgba_saying_so_and_skips_a_1x1_frame(tmp_path, caplog):
+    import cv2
+
+    from edge_inspect.capture.sources import SourceError
+
+    cv2.imwrite(str(tmp_path / "0_grey16.png"), np.full((40, 40), 40000, np.uint16))
+    cv2.imwrite(str(tmp_path / "1_rgba.png"), np.full((40, 40, 4), 200, np.uint8))
+    cv2.imwrite(str(tmp_path / "2_tiny.png"), np.zeros((1, 1, 3), np.uint8))
+    source = _replay(tmp_path)
+    with caplog.at_level("WARNING"):
+        grey = source.read()
+        rgba = source.read()
+    assert grey.dtype == np.uint8 and grey.shape == (40, 40, 3) and int(grey[0, 0, 0]) == 40000 // 257
+    assert rgba.shape == (40, 40, 3)
+    assert "uint16 samples scaled to 8 bit" in caplog.text and "alpha channel dropped" in caplog.text
+    with pytest.raises(SourceError, match=r"2_tiny\.png.*1x1.*smaller than"):
+        source.read()
+
+
+def test_read_bgr_refuses_tiny_and_huge_images(tmp_path):
+    import cv2
+
+    from edge_inspect.errors import UserError
+    from edge_inspect.imageio import read_bgr
+
+    cv2.imwrite(str(tmp_path / "tiny.png"), np.zeros((1, 1), np.uint8))
+    with pytest.raises(UserError, match="1x1"):
+        read_bgr(tmp_path / "tiny.png")
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (9000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00"
+    (tmp_path / "huge.png").write_bytes(header + b"\x00" * 64)
+    with pytest.raises(UserError, match="9000x9000"):
+        read_bgr(tmp_path / "huge.png")
+
+
+def test_the_stall_watcher_never_runs_a_second_reader_beside_a_stuck_one():
+    import threading
+
+    from edge_inspect.capture.reader import Capture
+    from edge_inspect.capture.sources import FrameSource
+    from edge_inspect.config import ReconnectConfig, ReplaySourceConfig
+
+    release = threading.Event()
+    opened = []
+    active = []
+    most = [0]
+
+    class Stuck(FrameSource):
+        type_key = "stuck"
+        lossless = False
+
+        def open(self):
+            opened.append(self)
+
+        def read(self):
+            active.append(self)
+            most[0] = max(most[0], len(active))
+            try:
+                if len(opened) == 1:
+                    release.wait(30)  # the first reader hangs inside its "driver call"
+                else:
+                    self.stop_event.wait(0.05)
+                return np.zeros((32, 32, 3), np.uint8)
+            finally:
+                active.remove(self)
+
+        def close(self):
+            pass
+
+        def describe(self):
+            return "stuck"
+
+    config = ReplaySourceConfig(type="replay", path="/nonexistent")
+    capture = Capture("cam", config, ReconnectConfig(stall_timeout_s=0.5), source_factory=lambda c, r: Stuck(c))
+    capture.start()
+    try:
+        deadline = __import__("time").monotonic() + 20
+        while capture.reconnects < 1 and __import__("time").monotonic() < deadline:
+            release.wait(0.05)
+        assert capture.reconnects >= 1
+        release.wait(1.5)  # several watcher ticks while the first reader is stuck
+        assert len(opened) == 1, "a second source was opened beside the stuck one"
+        release.set()
+        deadline = __import__("time").monotonic() + 20
+        while len(opened) < 2 and __import__("time").monotonic() < deadline:
+            release.wait(0.05)
+        assert len(opened) == 2 and most[0] == 1
+    finally:
+        release.set()
+        capture.stop()
+        assert capture.join(10)
+
+
+def test_ffmpeg_options_are_not_locked_through_an_open():
+    import threading
+
+    from edge_inspect.capture.sources import _FfmpegOptions
+
+    options = _FfmpegOptions()
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow_open():
+        with options.using("rtsp_transport;tcp"):
+            inside.set()
+            release.wait(30)  # a camera that takes its whole open timeout
+
+    thread = threading.Thread(target=slow_open)
+    thread.start()
+    assert inside.wait(10)
+    entered = threading.Event()
+
+    def other(value):
+        with options.using(value):
+            assert __import__("os").environ.get(_FfmpegOptions.VARIABLE) in (None, "rtsp_transport;tcp")
+            entered.set()
+
+    for value in (None, "rtsp_transport;tcp"):  # an http camera, a second tcp camera: neither waits
+        entered.clear()
+        other_thread = threading.Thread(target=other, args=(value,))
+        other_thread.start()
+        assert entered.wait(10)
+        other_thread.join(10)
+    release.set()
+    thread.join(10)
+    assert _FfmpegOptions.VARIABLE not in __import__("os").environ

@@ -1,0 +1,144 @@
+"""Issue 14 (outside fault audit), the daemon parts: `edge-inspect run` as a subprocess against a real
+mosquitto on loopback. Damaged calibrations and bad commands give a clear error and the daemon lives on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import pytest
+from mqtt_broker import MessageCollector, mosquitto_binary
+from test_daemon import (  # noqa: F401 - fixtures
+    PREFIX,
+    RESULT,
+    STATION,
+    STATS,
+    daemons,
+    latest_stats,
+    product,
+    results,
+    wait_until,
+    write_config,
+    write_frames,
+)
+
+pytestmark = [
+    pytest.mark.mosquitto,
+    pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto broker binary not found"),
+]
+
+
+def _products_with_a_broken_one(tmp_path, product) -> dict:
+    """A copy of the session's calibrations plus `broken` (brick with threshold "high")."""
+    calibration = tmp_path / "calibration"
+    shutil.copytree(product["calibration_dir"], calibration)
+    shutil.copytree(calibration / "brick", calibration / "broken")
+    (calibration / "broken" / "threshold.json").write_text(json.dumps({"threshold": "high"}))
+    return {**product, "calibration_dir": calibration}
+
+
+def _pipeline_stat(collector, key):
+    return (latest_stats(collector) or {}).get("pipeline", {}).get(key)
+
+
+def test_a_damaged_calibration_at_start_exits_2_naming_the_file(tmp_path, product, mosquitto_broker, daemons):
+    products = _products_with_a_broken_one(tmp_path, product)
+    write_frames(tmp_path / "frames", product, 2)
+    config = write_config(tmp_path, products, mosquitto_broker.port, camera_product="broken",
+                          source={"type": "replay", "path": str(tmp_path / "frames")}, trigger={"mode": "every_frame"})
+    daemon = daemons(config)
+    assert daemon.wait(120) == 2, daemon.log
+    assert "threshold.json" in daemon.log and "--force" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_a_client_id_template_that_cannot_be_filled_stops_run_with_exit_2(tmp_path, product, mosquitto_broker, daemons):
+    write_frames(tmp_path / "frames", product, 2)
+    config = write_config(tmp_path, product, mosquitto_broker.port, mqtt={"client_id": "qa{station.__class__}"},
+                          source={"type": "replay", "path": str(tmp_path / "frames")}, trigger={"mode": "every_frame"})
+    daemon = daemons(config)
+    assert daemon.wait(120) == 2, daemon.log
+    assert "mqtt.client_id" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_bad_switches_bad_reloads_and_nested_commands_leave_the_daemon_running(tmp_path, product, mosquitto_broker, daemons):
+    products = _products_with_a_broken_one(tmp_path, product)
+    write_frames(tmp_path / "frames", product, 8)
+    source = {"type": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True}
+    config = write_config(tmp_path, products, mosquitto_broker.port, source=source, trigger={"mode": "every_frame"})
+    product_set = f"{PREFIX}/{STATION}/product/set"
+    with MessageCollector(mosquitto_broker.port, [RESULT, STATS]) as collector:
+        collector.wait_subscribed()
+        daemon = daemons(config)
+        assert wait_until(lambda: len(results(collector)) >= 3, 120), daemon.log
+
+        # SIGHUP onto a damaged product: refused, still running the previous config (before any product/set,
+        # whose product a reload keeps)
+        write_config(tmp_path, products, mosquitto_broker.port, source=source, trigger={"mode": "every_frame"},
+                     camera_product="broken")
+        daemon.send(signal.SIGHUP)
+        assert daemon.wait_log(r"reload refused.*threshold\.json", 60), daemon.log
+        count = len(results(collector))
+        assert wait_until(lambda: len(results(collector)) >= count + 5, 60), daemon.log
+        assert daemon.proc.poll() is None
+        assert wait_until(lambda: _pipeline_stat(collector, "reload_errors") == 1, 30), daemon.log
+        # product/set onto a damaged calibration: refused, counted, the switch worker lives on
+        collector.client.publish(product_set, b"broken", qos=1)
+        assert daemon.wait_log(r"product switch to 'broken' refused.*threshold\.json", 60), daemon.log
+        assert wait_until(lambda: _pipeline_stat(collector, "product_switch_errors") == 1, 30), daemon.log
+        collector.client.publish(product_set, b"brick-b", qos=1)
+        assert wait_until(lambda: results(collector)[-1]["product"] == "brick-b", 60), daemon.log
+        collector.client.publish(product_set, b"brick-b", qos=1)  # already on it: nothing is loaded
+        assert daemon.wait_log(r"product/set brick-b: every camera already runs it", 30), daemon.log
+
+        # deeply nested JSON on both command topics: counted as malformed, never escapes paho's thread
+        nested = b"[" * 2000 + b"]" * 2000
+        collector.client.publish(f"{PREFIX}/{STATION}/trigger", nested, qos=1)
+        collector.client.publish(product_set, nested, qos=1)
+        assert wait_until(lambda: (latest_stats(collector) or {}).get("mqtt", {}).get("malformed_commands") == 2, 30), daemon.log
+
+        assert _pipeline_stat(collector, "product_switches") == 1
+
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.log
+    assert "Traceback" not in daemon.log, daemon.log
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory):
+    """A real 8000x8000 PNG (a few hundred kB on disk, 192 MB decoded)."""
+    import cv2
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("huge") / "0003_huge.png"
+    image = np.zeros((8000, 8000, 3), np.uint8)
+    image[::64] = 255
+    assert cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    return path
+
+
+def test_sigterm_with_corrupt_and_huge_replay_files_exits_0_and_skips_them(tmp_path, product, mosquitto_broker, daemons, huge_png):
+    frames = tmp_path / "frames"
+    write_frames(frames, product, 3, defect_every=0)
+    good = (frames / "0000.png").read_bytes()
+    (frames / "0001_truncated.png").write_bytes(good[: len(good) // 3])
+    (frames / "0002_empty.png").write_bytes(b"")
+    (frames / "0002_text.png").write_text("not an image at all\n")
+    shutil.copy(huge_png, frames / huge_png.name)
+    source = {"type": "replay", "path": str(frames), "fps": 50, "loop": True}
+    config = write_config(tmp_path, product, mosquitto_broker.port, source=source, trigger={"mode": "every_frame"})
+    with MessageCollector(mosquitto_broker.port, [RESULT, STATS]) as collector:
+        collector.wait_subscribed()
+        for _ in range(2):
+            daemon = daemons(config)
+            assert daemon.wait_log(r"cannot read image .*0003_huge\.png: .*8000x8000", 120), daemon.log
+            assert daemon.wait_log(r"cannot read image .*0001_truncated\.png", 60), daemon.log
+            seen = len(collector.on(STATS))
+            assert wait_until(lambda: len(collector.on(STATS)) > seen, 30), daemon.log
+            rss = collector.on(STATS)[-1].json()["pipeline"]["rss_mb"]
+            print(f"RSS with the 8000x8000 image in the replay: {rss} MB")
+            assert rss < 700  # the 8000x8000 image was never decoded (it took RSS to 1.1 GB)
+            daemon.send(signal.SIGTERM)
+            code = daemon.wait(60)
+            assert code == 0, daemon.log
+            assert "terminate called" not in daemon.log and "Traceback" not in daemon.log, daemon.log
