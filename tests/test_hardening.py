@@ -401,3 +401,19 @@ def test_ffmpeg_options_are_not_locked_through_an_open():
     release.set()
     thread.join(10)
     assert _FfmpegOptions.VARIABLE not in __import__("os").environ
+
+
+def test_spool_full_logs_the_running_total_including_drops_a_quiet_interval_hid(tmp_path, caplog):
+    from edge_inspect.config import MqttConfig, SpoolConfig
+    from edge_inspect.mqtt.publisher import ResultPublisher
+    from publisher_harness import synthetic_inspection
+
+    publisher = ResultPublisher(MqttConfig(host="127.0.0.1", port=1), SpoolConfig(path=str(tmp_path / "s.sqlite3"), max_rows=100), "s1")
+    with caplog.at_level("WARNING"):
+        for index in range(700):  # never started: every result waits in the spool, as in an outage
+            publisher.publish_result(synthetic_inspection(index, "full", "s1"))
+        publisher.stop(timeout=0.0)
+    lines = [r.getMessage() for r in caplog.records if "spool full" in r.getMessage()]
+    assert lines and "1 dropped in total" in lines[0]
+    assert "600 dropped in total" in lines[-1], lines  # not "1 dropped in total" for 600 drops
+    assert sum(int(line.split(" dropped since")[0].rsplit("; ", 1)[1]) for line in lines) == 600

@@ -142,3 +142,57 @@ def test_sigterm_with_corrupt_and_huge_replay_files_exits_0_and_skips_them(tmp_p
             code = daemon.wait(60)
             assert code == 0, daemon.log
             assert "terminate called" not in daemon.log and "Traceback" not in daemon.log, daemon.log
+
+
+def _without_fast_reconnect(config):
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    for key in ("reconnect_min_s", "reconnect_max_s"):
+        data["mqtt"].pop(key, None)  # the defaults, as a user gets them
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def test_the_daemon_reconnects_within_seconds_of_the_broker_returning(tmp_path, product, mosquitto_factory, daemons):
+    import time
+
+    broker = mosquitto_factory()
+    write_frames(tmp_path / "frames", product, 4, defect_every=0)
+    source = {"type": "replay", "path": str(tmp_path / "frames"), "fps": 10, "loop": True}
+    config = _without_fast_reconnect(write_config(tmp_path, product, broker.port, source=source, trigger={"mode": "every_frame"}))
+    daemon = daemons(config)
+    assert daemon.wait_log(r"connected to 127\.0\.0\.1", 120), daemon.log
+    broker.stop()
+    time.sleep(16)  # long enough for a back-off doubling to 30 s to reach 16 s between attempts
+    broker.start()
+    back = time.monotonic()
+    assert wait_until(lambda: daemon.log.count("connected to 127.0.0.1") >= 2, 60), daemon.log
+    took = time.monotonic() - back
+    print(f"reconnected {took:.2f} s after the broker came back")
+    assert took < 6.0  # the default back-off is capped at 2 s (was 30 s: 16 s and 25 s measured)
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.log
+
+
+def test_publish_images_sends_the_jpeg_of_every_flagged_frame(tmp_path, product, mosquitto_broker, daemons):
+    write_frames(tmp_path / "frames", product, 8, defect_every=2)
+    config = write_config(tmp_path, product, mosquitto_broker.port, mqtt={"publish_images": True, "image_max_bytes": 4 * 1024 * 1024},
+                          source={"type": "replay", "path": str(tmp_path / "frames")}, trigger={"mode": "every_frame"})
+    images = f"{PREFIX}/{STATION}/image/#"
+    with MessageCollector(mosquitto_broker.port, [RESULT, images]) as collector:
+        collector.wait_subscribed()
+        daemon = daemons(config)
+        assert daemon.wait(120) == 0, daemon.log  # a finite replay: the daemon stops by itself
+        assert wait_until(lambda: len(results(collector)) == 8, 30)
+        ng = {r["inspection_id"] for r in results(collector) if r["verdict"] == "NG"}
+        assert ng
+        prefix = f"{PREFIX}/{STATION}/image/"
+        assert collector.wait_for(lambda msgs: {m.topic.rsplit("/", 1)[1] for m in msgs if m.topic.startswith(prefix)} == ng, 30)
+        got = [m for m in _all(collector) if m.topic.startswith(prefix)]
+        assert all(m.payload[:2] == b"\xff\xd8" for m in got)
+
+
+def _all(collector):
+    with collector._lock:
+        return list(collector.messages)

@@ -310,6 +310,8 @@ class CameraPipeline:
             inspection.inspection_id, self.name, frame.frame_id, inspection.score, inspection.verdict,
             (published - work.grabbed_monotonic) * 1000.0,
         )
+        if result.flagged:
+            self._publish_image(inspection.inspection_id, frame.pixels)
         if reserved:
             self.flagged.put(
                 FlaggedFrame(
@@ -318,6 +320,20 @@ class CameraPipeline:
                                               self.evidence if inspection.evidence_path else None),
                 )
             )
+
+    def _publish_image(self, inspection_id: str, pixels: np.ndarray) -> None:
+        """mqtt.publish_images: the flagged frame's JPEG on <prefix>/<station>/image/<id> (QoS 0, not spooled)."""
+        config = getattr(self.publisher, "config", None)
+        if not getattr(config, "publish_images", False):
+            return
+        try:
+            import cv2
+
+            ok, jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 85])
+            if ok:
+                self.publisher.publish_image(inspection_id, jpeg.tobytes())
+        except Exception as exc:  # noqa: BLE001 - the image is a courtesy; the result is already spooled
+            self._error(f"publishing the image of {inspection_id} failed: {type(exc).__name__}: {exc}", exc)
 
     def _save_evidence(self, inspection: Inspection, frame: Frame, view: np.ndarray, result: ScoreResult,
                        product) -> Inspection:

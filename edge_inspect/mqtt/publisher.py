@@ -7,8 +7,11 @@ a lock the sender holds while it calls paho, so the two cannot deadlock).
 
 After every (re)connect, paho's own queue is dropped and the sender starts again from the oldest
 unacknowledged row, marking messages it had not sent live in that connection `replayed: true`.
-Duplicates are possible (a PUBACK lost in a crash), losses are not: at most `max_inflight`
-messages can be delivered twice per broker outage or daemon crash.
+Duplicates are possible (a PUBACK lost in a crash): at most `max_inflight` messages can be
+delivered twice per broker outage or daemon crash. A spooled message survives broker outages and
+daemon crashes; it can still be lost when the spool is full (spool.policy drops one, counted, a seq
+gap), when the spool cannot be written (published unspooled, counted in `unspooled`), and on power
+loss with spool.synchronous: normal (the last commits). docs/mqtt.md "Delivery guarantees".
 
 Example:
     publisher = ResultPublisher(config.mqtt, config.spool, station="line3-cam1", on_trigger=capture.trigger)
@@ -62,6 +65,7 @@ from .spool import PRIORITY_NG, PRIORITY_OK, PRIORITY_UPDATE, Spool, SpoolWriteE
 log = logging.getLogger(__name__)
 
 _SEND_BATCH = 100  # rows fetched from the spool per query while filling the in-flight window
+_DROP_LOG_S = 10.0  # spool drops are logged at most this often, each time with the running total
 _LOG_REPEAT_S = 60.0  # an unchanged connection error is logged again at most this often
 # CONNACK reason codes that mean "your credentials are wrong" (MQTT 3.1.1: 4, 5; MQTT 5: 0x86, 0x87).
 _AUTH_REFUSALS = {4, 5, 0x86, 0x87}
@@ -111,7 +115,8 @@ class ResultPublisher:
         self._refused = False  # the last CONNACK was a refusal (its disconnect is not reported again)
         self._last_socket_error: str | None = None
         self._final_spool: dict[str, Any] = {}
-        self._last_drop_log = 0.0
+        self._last_drop_log = -_DROP_LOG_S
+        self._drops_unlogged = 0
         self._counts = dict.fromkeys(
             (
                 "connects", "disconnects", "connect_failures", "published", "replayed", "rejected", "inflight",
@@ -260,6 +265,7 @@ class ResultPublisher:
         if client is not None:
             client.disconnect()
             client.loop_stop()
+        self._log_drops((), final=True)  # drops the last quiet interval hid
         self._final_spool = self._spool_snapshot()
         self._closed = True
         self._spool.close()
@@ -307,18 +313,24 @@ class ResultPublisher:
             return f"{self._run_id}:1"
         return f"{self._run_id}:offline"
 
-    def _log_drops(self, dropped: tuple[tuple[str, int], ...]) -> None:
+    def _log_drops(self, dropped: tuple[tuple[str, int], ...], final: bool = False) -> None:
+        """Log spool drops at most every _DROP_LOG_S, each line with the running total (and the drops the
+        quiet interval hid); `final` (at stop) reports drops not yet logged."""
+        self._drops_unlogged += len(dropped)
         now = time.monotonic()
-        if now - self._last_drop_log < _LOG_REPEAT_S:
+        if not self._drops_unlogged or (not final and now - self._last_drop_log < _DROP_LOG_S):
             return
         self._last_drop_log = now
         stats = self._spool.stats()
-        what = ", ".join(f"{name} seq {seq}" for name, seq in dropped)
+        what = ", ".join(f"{name} seq {seq}" for name, seq in dropped) or "nothing more"
         log.warning(
-            "spool full (%d rows, %d bytes; limits %d rows, %d bytes, policy %s): dropped %s; %d dropped in total",
+            "spool full (%d rows, %d bytes; limits %d rows, %d bytes, policy %s): dropped %s; %d dropped since the "
+            "last such message, %d dropped in total (ok %d, update %d, ng %d)",
             stats["spool_depth"], stats["spool_bytes"], self._spool.config.max_rows, self._spool.config.max_bytes,
-            self._spool.config.policy, what, stats["dropped"],
+            self._spool.config.policy, what, self._drops_unlogged, stats["dropped"],
+            stats.get("dropped_ok", 0), stats.get("dropped_update", 0), stats.get("dropped_ng", 0),
         )
+        self._drops_unlogged = 0
 
     def _spool_snapshot(self) -> dict[str, Any]:
         if self._closed:
