@@ -59,6 +59,8 @@ SUFFIXES = (FRAME_SUFFIX, OVERLAY_SUFFIX, MAP_SUFFIX, JSON_SUFFIX, CHAT_SUFFIX)
 TMP_SUFFIX = ".tmp"
 
 _DAY_RE = re.compile(r"^\d{8}$")
+# Frames waiting for the writer are bounded in bytes too: 32 queued 1080p frames with maps are ~200 MB.
+QUEUE_MAX_BYTES = 64 * 2**20
 _IDLE_RETENTION_S = 60.0  # age-based deletion also runs when no frame is flagged for a while
 
 
@@ -149,6 +151,10 @@ class _SaveJob:
     inspection: Inspection
     map_box: tuple[int, int, int, int] | None
 
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (self.frame, self.anomaly_map, self.overlay) if a is not None)
+
 
 @dataclass(frozen=True)
 class _UpdateJob:
@@ -170,6 +176,7 @@ class EvidenceStore:
         self._lock = threading.RLock()  # guards the index and counters
         self._index: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self._bytes = 0
+        self._queued_bytes = 0  # pixels waiting for the writer (bounded by QUEUE_MAX_BYTES as well as by count)
         self._ok_seen = 0
         self._counters = dict(saved=0, updated=0, deleted=0, dropped=0, failed=0, skipped_low_disk=0,
                               rejected=0)
@@ -234,9 +241,21 @@ class EvidenceStore:
         job = _SaveJob(inspection_id, day, frame, anomaly_map, overlay, body, inspection, map_box)
         if not self._background:
             return relative if self._write_entry(job) else None
+        with self._lock:
+            if self._queued_bytes and self._queued_bytes + job.nbytes > QUEUE_MAX_BYTES:
+                full = True
+            else:
+                full = False
+                self._queued_bytes += job.nbytes
+        if full:
+            self._count("dropped", f"evidence queue holds {QUEUE_MAX_BYTES // 2**20} MiB of frames (disk slower than the "
+                                   "flag rate); frame not saved")
+            return None
         try:
             self._queue.put_nowait(job)
         except queue.Full:
+            with self._lock:
+                self._queued_bytes -= job.nbytes
             self._count("dropped", "evidence queue full (disk slower than the flag rate); frame not saved")
             return None
         return relative
@@ -301,7 +320,11 @@ class EvidenceStore:
     # ---------------------------------------------------------------- writer side
 
     def _run(self) -> None:
-        self._scan()
+        try:
+            self._scan()
+        except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad scan; later evidence still counts
+            log.exception("evidence: the start-up scan of %s failed; writing on without its index", self.root)
+            self._count("failed", f"scan failed: {type(exc).__name__}: {exc}", logged=True)
         last_retention = time.monotonic()
         while True:
             try:
@@ -324,6 +347,9 @@ class EvidenceStore:
                 log.exception("evidence writer error")
                 self._count("failed", f"{type(exc).__name__}: {exc}", logged=True)
             finally:
+                if isinstance(job, _SaveJob):
+                    with self._lock:
+                        self._queued_bytes -= job.nbytes
                 self._queue.task_done()
 
     def _write_entry(self, job: _SaveJob) -> bool:
@@ -427,14 +453,22 @@ class EvidenceStore:
             self._count("failed", f"cannot read evidence folder {self.root}: {exc}")
             days = []
         for day in days:
-            for item in os.scandir(self.root / day):
-                if not item.is_file():
-                    continue
-                if item.name.endswith(TMP_SUFFIX):
-                    _unlink(Path(item.path))
-                    continue
+            try:
+                items = list(os.scandir(self.root / day))
+            except OSError as exc:  # one unreadable day folder: index the others, keep writing
+                self._count("failed", f"cannot read evidence folder {self.root / day} ({exc}); it is left out of retention")
+                continue
+            for item in items:
+                try:
+                    if not item.is_file():
+                        continue
+                    if item.name.endswith(TMP_SUFFIX):
+                        _unlink(Path(item.path))
+                        continue
+                    stat = item.stat()
+                except OSError:
+                    continue  # vanished or unreadable meanwhile
                 inspection_id = item.name.split(".", 1)[0]
-                stat = item.stat()
                 entry = groups.setdefault(inspection_id, _Entry(day, stat.st_mtime, 0))
                 entry.size += stat.st_size
                 entry.saved_at = min(entry.saved_at, stat.st_mtime)  # the JSON is rewritten by updates

@@ -417,3 +417,68 @@ def test_spool_full_logs_the_running_total_including_drops_a_quiet_interval_hid(
     assert lines and "1 dropped in total" in lines[0]
     assert "600 dropped in total" in lines[-1], lines  # not "1 dropped in total" for 600 drops
     assert sum(int(line.split(" dropped since")[0].rsplit("; ", 1)[1]) for line in lines) == 600
+
+
+# --- the evidence writer ----------------------------------------------------------------------
+
+
+def _evidence_store(tmp_path, **config):
+    from edge_inspect.config.evidence import EvidenceConfig
+    from edge_inspect.evidence import EvidenceStore
+
+    config.setdefault("min_free_mb", 0)
+    return EvidenceStore(EvidenceConfig(dir=str(tmp_path / "evidence"), **config), background=True)
+
+
+def _ng(timestamp=None):
+    import time
+    import uuid
+
+    from edge_inspect.records import Inspection, Region
+
+    return Inspection(
+        inspection_id=uuid.uuid4().hex, station="line1", camera="cam0", product="cup", frame_id=7,
+        timestamp=time.time() if timestamp is None else timestamp, score=2.5, threshold=1.0, verdict="NG",
+        regions=(Region(box=(10, 10, 20, 20), area_pct=2.1, peak=2.5, grid_words=("center",)),), latency_ms={"score": 1.0},
+    )
+
+
+def test_one_unreadable_day_folder_does_not_kill_the_evidence_writer(tmp_path, monkeypatch):
+    import os
+
+    bad_day = tmp_path / "evidence" / "20250101"
+    bad_day.mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == bad_day:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    store = _evidence_store(tmp_path)
+    try:
+        frame = np.zeros((64, 64, 3), np.uint8)
+        path = store.save(_ng(), frame, anomaly_map=np.zeros((8, 8), np.float32))
+        assert path is not None and store.flush(20), "the writer died in its start-up scan"
+        assert store.stats()["saved"] == 1 and store.stats()["failed"] >= 1
+    finally:
+        store.close()
+
+
+def test_the_evidence_queue_is_bounded_in_bytes_not_only_in_frames(tmp_path):
+    from edge_inspect.evidence import QUEUE_MAX_BYTES
+
+    store = _evidence_store(tmp_path, queue_size=1000)
+    try:
+        assert store.flush(10)
+        frame = np.zeros((1080, 1920, 3), np.uint8)  # 6.2 MB each
+        with store._lock:  # hold the writer at its bookkeeping: nothing drains
+            paths = [store.save(_ng(), frame) for _ in range(40)]
+            assert store._queued_bytes <= QUEUE_MAX_BYTES
+        kept = [p for p in paths if p]
+        assert 0 < len(kept) <= QUEUE_MAX_BYTES // frame.nbytes + 1
+        assert store.flush(60)
+        assert store.stats()["dropped"] == 40 - len(kept) and store._queued_bytes == 0
+    finally:
+        store.close()
