@@ -482,3 +482,33 @@ def test_the_evidence_queue_is_bounded_in_bytes_not_only_in_frames(tmp_path):
         assert store.stats()["dropped"] == 40 - len(kept) and store._queued_bytes == 0
     finally:
         store.close()
+
+
+# --- the run report ---------------------------------------------------------------------------
+
+
+def test_the_report_merges_vlm_downgrades(tmp_path):
+    from edge_inspect.ops.report.html import render_report
+    from edge_inspect.ops.report.load import load_run
+    from edge_inspect.ops.report.summary import summarize
+
+    lines = []
+    for i, verdict in enumerate(("NG", "NG", "OK")):
+        lines.append({"type": "result", "inspection_id": f"{i:032x}", "timestamp": f"2026-01-01T00:00:0{i}Z", "seq": i + 1,
+                      "station": "s1", "camera": "cam0", "product": "p", "frame_id": i, "score": 2.0 if verdict == "NG" else 0.1,
+                      "threshold": 1.0, "verdict": verdict, "regions": [], "vlm_status": "pending" if verdict == "NG" else "skipped"})
+    vlm = {"defect": False, "defect_type": None, "location": [], "description": "a reflection", "confidence": 0.95}
+    lines.append({"type": "result_update", "inspection_id": f"{0:032x}", "vlm_status": "done", "vlm": vlm,
+                  "final_verdict": "OK", "decided_by": "vlm"})
+    lines.append({"type": "result_update", "inspection_id": f"{1:032x}", "vlm_status": "done", "vlm": {**vlm, "defect": True},
+                  "final_verdict": "NG", "decided_by": "scorer"})
+    log = tmp_path / "results.jsonl"
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    run = load_run(results_file=log)
+    rows = {row.inspection_id: row for row in run.rows}
+    assert rows[f"{0:032x}"].downgraded and rows[f"{0:032x}"].final_verdict == "OK"
+    assert not rows[f"{1:032x}"].downgraded and rows[f"{1:032x}"].final_verdict == "NG"
+    summary = summarize(run.rows)
+    assert (summary["ng"], summary["vlm_downgraded"], summary["final_ng"]) == (2, 1, 1)
+    html = render_report(run)
+    assert "downgraded to OK by the VLM" in html and "Final verdict: OK" in html

@@ -269,7 +269,9 @@ def _summary_cards(summary: dict[str, Any]) -> list[str]:
     vlm = summary["vlm"]
     cards = [
         ("Frames", f"{summary['frames']:,}", f"{summary['ok']:,} OK", ""),
-        ("NG", f"{summary['ng']:,}", f"{summary['ng_rate']:.1%} of frames", "ng" if summary["ng"] else ""),
+        ("NG", f"{summary['ng']:,}", f"{summary['ng_rate']:.1%} of frames" + (
+            f"; {summary['vlm_downgraded']:,} downgraded to OK by the VLM, {summary['final_ng']:,} NG final"
+            if summary.get("vlm_downgraded") else ""), "ng" if summary["ng"] else ""),
         ("Product", product_value, ", ".join(summary["cameras"][:4]) or "", ""),
         ("Threshold", threshold_value, threshold_sub, ""),
         ("Latency, median", f"{latency['p50']:.1f} ms" if latency["p50"] is not None else "–",
@@ -397,6 +399,12 @@ def _flag_card(row: ResultRow) -> list[str]:
         facts.append(("evidence", f"folder {str(p['evidence_path']).split('/')[0]}/ (frame, overlay, map, json)"))
     out.append('<dl class="facts">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>")
     vlm = p.get("vlm")
+    if row.downgraded:
+        out.append('<div class="verdict"><strong>Final verdict: OK</strong> — the VLM downgraded the scorer\'s NG '
+                   '(decided_by vlm, vlm.allow_downgrade)</div>')
+    elif p.get("final_verdict"):
+        out.append(f'<div class="verdict none">Final verdict: {_e(p["final_verdict"])} (decided by '
+                   f'{_e(p.get("decided_by", "scorer"))})</div>')
     if isinstance(vlm, dict):
         conf = vlm.get("confidence")
         head = (f"{'Defect' if vlm.get('defect') else 'No defect'}: {vlm.get('defect_type') or 'unspecified'}"
@@ -447,6 +455,8 @@ def _results_table(rows: list[ResultRow], max_rows: int) -> list[str]:
         p = row.payload
         ng = row.flagged
         verdict = f'<span class="badge {"ng" if ng else "ok"}">{_e(p.get("verdict", "?"))}</span>'
+        if row.downgraded:
+            verdict += ' → <span class="badge ok">OK</span> <small>(VLM)</small>'
         if ng:
             verdict = f'<a href="#i-{_e(row.inspection_id)}">{verdict}</a>'
         out.append(

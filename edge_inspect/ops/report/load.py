@@ -28,7 +28,18 @@ class ResultRow:
 
     @property
     def flagged(self) -> bool:
+        """The scorer flagged it (NG), whatever the VLM said later."""
         return self.payload.get("verdict") == "NG"
+
+    @property
+    def final_verdict(self) -> str:
+        """The verdict that counts: the update's final_verdict (vlm.allow_downgrade) or the scorer's."""
+        return str(self.payload.get("final_verdict") or self.payload.get("verdict") or "?")
+
+    @property
+    def downgraded(self) -> bool:
+        """The VLM downgraded the scorer's NG to OK (decided_by: vlm)."""
+        return self.payload.get("decided_by") == "vlm" and self.final_verdict == "OK"
 
 
 @dataclass
@@ -143,7 +154,7 @@ def _read_stream(path: Path, rows: dict[str, ResultRow], run: RunData) -> None:
 
 
 def _merge_update(payload: dict[str, Any], update: dict[str, Any]) -> None:
-    for key in ("vlm_status", "vlm", "error"):
+    for key in ("vlm_status", "vlm", "error", "final_verdict", "decided_by"):
         if key in update:
             payload[key] = update[key]
 

@@ -56,6 +56,8 @@ def summarize(rows: list[ResultRow]) -> dict[str, Any]:
         "ng": flagged,
         "ok": frames - flagged,
         "ng_rate": flagged / frames if frames else 0.0,
+        "vlm_downgraded": sum(row.downgraded for row in rows),  # scorer NG the VLM turned OK (decided_by vlm)
+        "final_ng": sum(row.final_verdict == "NG" for row in rows),
         "first": rows[0].time if rows else None,
         "last": rows[-1].time if rows else None,
         "products": products,
