@@ -512,3 +512,43 @@ def test_the_report_merges_vlm_downgrades(tmp_path):
     assert (summary["ng"], summary["vlm_downgraded"], summary["final_ng"]) == (2, 1, 1)
     html = render_report(run)
     assert "downgraded to OK by the VLM" in html and "Final verdict: OK" in html
+
+
+# --- the demo's replay: paced, yet no frame dropped on a busy machine -------------------------
+
+
+def test_a_paced_lossless_replay_waits_for_a_slow_pipeline_instead_of_dropping(tmp_path):
+    import time
+
+    import cv2
+
+    from edge_inspect.capture.reader import Capture
+    from edge_inspect.config import ReconnectConfig, ReplaySourceConfig
+
+    for i in range(8):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((32, 32, 3), i * 20, np.uint8))
+    config = ReplaySourceConfig(type="replay", path=str(tmp_path), fps=50, lossless=True)
+    capture = Capture("cam", config, ReconnectConfig())
+    capture.start()
+    seen, last = [], 0
+    try:
+        while True:
+            grabbed = capture.frames.take(after_seq=last, timeout=30)
+            if grabbed is None:
+                break
+            last = grabbed.seq
+            seen.append(int(grabbed.pixels[0, 0, 0]))
+            time.sleep(0.1)  # a scorer 5x slower than the pace (a loaded CI box)
+    finally:
+        capture.stop()
+    assert seen == [i * 20 for i in range(8)] and capture.frames.dropped == 0
+
+
+def test_the_demo_config_replays_losslessly():
+    from edge_inspect.config import parse_config
+    from edge_inspect.ops.demo.data import DemoSettings, demo_config
+
+    settings = DemoSettings(workdir=Path("/tmp/demo"), engines_dir=Path("/tmp/engines"))
+    data = demo_config(settings, Path("/tmp/demo"), "demo-coin", "5")
+    source = parse_config(json.dumps(data)).cameras[0].source
+    assert source.lossless is True and source.fps == settings.fps

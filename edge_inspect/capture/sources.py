@@ -283,7 +283,7 @@ class ReplaySource(FrameSource):
 
     def __init__(self, config: ReplaySourceConfig, reconnect: ReconnectConfig | None = None):
         super().__init__(config)
-        self.lossless = config.fps == 0
+        self.lossless = config.fps == 0 if config.lossless is None else config.lossless
         self.path = Path(config.path)
         self._files: list[Path] | None = None
         self._cap = None
@@ -388,6 +388,8 @@ class ReplaySource(FrameSource):
 
     def describe(self) -> str:
         pace = f"{self.config.fps:g} fps" if self.config.fps else "lossless"
+        if self.config.fps and self.lossless:
+            pace += ", lossless"
         return f"replay {self.path} ({pace}{', loop' if self.config.loop else ''})"
 
     @property

@@ -101,6 +101,12 @@ class ReplaySourceConfig(Section):
         description="Replay pace in frames per second; 0 = as fast as the pipeline takes them (no frame is dropped).",
     )
     loop: bool = Field(False, description="Start again at the end; false = the camera finishes (the daemon exits once all cameras finished).")
+    lossless: bool | None = Field(
+        None,
+        description="Wait for the pipeline instead of dropping a frame it has not taken yet. null = only at fps 0; "
+        "true = at any fps (the pace is then at most fps: every frame is inspected, e.g. demos and tests on a busy "
+        "machine); false = drop like a camera does, even at fps 0.",
+    )
 
 
 SourceConfig = Annotated[

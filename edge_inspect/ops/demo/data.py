@@ -205,7 +205,10 @@ def demo_config(settings: DemoSettings, workdir: Path, product: str, protocol: s
         "cameras": [{
             "name": CAMERA,
             "product": product,
-            "source": {"type": "replay", "path": str(workdir / "frames"), "fps": settings.fps, "loop": False},
+            # lossless: paced, but a frame waits for the scorer instead of being replaced on a busy machine,
+            # so the demo prints every frame it replayed (a camera would drop; the record says which)
+            "source": {"type": "replay", "path": str(workdir / "frames"), "fps": settings.fps, "loop": False,
+                       "lossless": True},
             "trigger": {"mode": "every_frame"},
         }],
         # ONNX Runtime even where TensorRT exists: a plan build would take minutes.
