@@ -552,3 +552,110 @@ def test_the_demo_config_replays_losslessly():
     data = demo_config(settings, Path("/tmp/demo"), "demo-coin", "5")
     source = parse_config(json.dumps(data)).cameras[0].source
     assert source.lossless is True and source.fps == settings.fps
+
+
+# --- TensorRT plumbing (fakes: no GPU here; the real thing is in tests/test_tensorrt.py) ------
+
+
+class _FakeContext:
+    def __init__(self, log):
+        self.log = log
+
+    def push(self):
+        self.log.append("push")
+
+    def detach(self):
+        self.log.append("detach")
+
+
+def _fake_cuda(monkeypatch):
+    import types
+
+    log: list[str] = []
+
+    class Device:
+        @staticmethod
+        def count():
+            return 1
+
+        def __init__(self, index):
+            self.index = index
+
+        def retain_primary_context(self):
+            log.append("retain")
+            return _FakeContext(log)
+
+    class Context:
+        @staticmethod
+        def pop():
+            log.append("pop")
+
+    driver = types.SimpleNamespace(init=lambda: None, Device=Device, Context=Context)
+    package = types.ModuleType("pycuda")
+    package.driver = driver
+    monkeypatch.setitem(sys.modules, "pycuda", package)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    return log
+
+
+def test_the_cuda_primary_context_is_retained_once_per_process_and_only_pushed_and_popped(monkeypatch):
+    from edge_inspect.scorer.backends.trt_backend import CudaDevice
+
+    log = _fake_cuda(monkeypatch)
+    monkeypatch.setattr(CudaDevice, "_shared", {})
+    first, second = CudaDevice.shared(0), CudaDevice.shared(0)
+    assert first is second
+    with first.active():
+        pass
+    first.release()  # a backend closing (product swap) must not release the process's retain
+    with second.active():
+        pass
+    assert log == ["retain", "push", "pop", "push", "pop"]
+
+
+def test_one_engine_per_plan_is_shared_and_freed_with_its_last_user(monkeypatch, tmp_path):
+    import types
+
+    from edge_inspect.scorer.backends import trt_backend
+
+    made = {"runtimes": 0, "engines": 0}
+
+    class Runtime:
+        def __init__(self, logger):
+            made["runtimes"] += 1
+
+        def deserialize_cuda_engine(self, data):
+            made["engines"] += 1
+            return object()
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(Runtime=Runtime))
+    monkeypatch.setattr(trt_backend, "_trt_logger", lambda: None)
+    monkeypatch.setattr(trt_backend, "_ENGINES", {})
+    plan = tmp_path / "p.plan"
+    plan.write_bytes(b"plan")
+    key_a, engine_a = trt_backend._acquire_engine(0, plan)
+    key_b, engine_b = trt_backend._acquire_engine(0, plan)  # a second camera on the same product
+    assert engine_a is engine_b and key_a == key_b and made == {"runtimes": 1, "engines": 1}
+    trt_backend._release_engine(key_a)
+    assert key_a in trt_backend._ENGINES
+    trt_backend._release_engine(key_b)
+    assert key_a not in trt_backend._ENGINES
+
+
+def test_two_tensorrt_cameras_on_one_product_share_the_engine(calibrated_product):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (JetPack or the tensorrt wheel on a CUDA machine)")
+    from edge_inspect.scorer.backends import trt_backend
+    from edge_inspect.scorer.product import Scorer, load_product
+
+    ok, reason = trt_backend.tensorrt_available()
+    if not ok:
+        pytest.skip(f"TensorRT unusable here: {reason}")
+    product = load_product(calibrated_product["calibration_dir"], calibrated_product["name"], calibrated_product["engines_dir"])
+    a = Scorer(product, backend="tensorrt", precision="fp32")
+    b = Scorer(product, backend="tensorrt", precision="fp32")
+    try:
+        assert a.backend._engine is b.backend._engine and a.backend._context is not b.backend._context
+    finally:
+        a.close()
+        b.close()
+    assert not trt_backend._ENGINES

@@ -89,6 +89,20 @@ class CudaDevice:
     one). The lock serialises users: one execution context must not run twice at once.
     """
 
+    _shared: dict[int, "CudaDevice"] = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, index: int = 0) -> "CudaDevice":
+        """The process's one CudaDevice for GPU `index`: its primary context is retained once and kept for
+        the life of the process (cuDevicePrimaryCtxRelease from another thread, or per product swap, would
+        leave stale or leaked retains); users only push and pop it."""
+        with cls._shared_lock:
+            device = cls._shared.get(index)
+            if device is None:
+                device = cls._shared[index] = cls(index)
+            return device
+
     def __init__(self, index: int = 0) -> None:
         import pycuda.driver as cuda
 
@@ -122,10 +136,49 @@ class CudaDevice:
         return plan_cache.DeviceFacts(gpu_name=self.device.name(), compute_capability=f"{major}.{minor}", tensorrt_version=str(trt.__version__))
 
     def release(self) -> None:
+        """Release the retain: only for a CudaDevice made directly, never for `shared()` ones (process-wide)."""
         with self._lock:
-            if not self._released:
+            if not self._released and CudaDevice._shared.get(self.index) is not self:
                 self._released = True
                 self._context.detach()  # for a retained primary context: cuDevicePrimaryCtxRelease
+
+
+# -- one engine per plan, shared by every camera (each has its own execution context) -----------
+
+_ENGINES: dict[tuple[int, str, int, int], list[Any]] = {}  # (device, plan, mtime_ns, size) -> [runtime, engine, users]
+_ENGINES_LOCK = threading.Lock()
+
+
+def _acquire_engine(device_index: int, plan_path: Path):
+    """(key, engine) for a plan, deserialised once per process and device; call inside the device's context.
+    A plan rewritten on disk (a rebuild) has a new key, so it is loaded anew."""
+    import tensorrt as trt
+
+    stat = plan_path.stat()
+    key = (device_index, str(plan_path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _ENGINES_LOCK:
+        entry = _ENGINES.get(key)
+        if entry is None:
+            runtime = trt.Runtime(_trt_logger())  # kept with its engine: the runtime must outlive it
+            engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+            if engine is None:
+                return key, None
+            entry = _ENGINES[key] = [runtime, engine, 0]
+        entry[2] += 1
+        return key, entry[1]
+
+
+def _release_engine(key) -> None:
+    """Drop one user of a shared engine; the last one frees it (call inside the device's context)."""
+    with _ENGINES_LOCK:
+        entry = _ENGINES.get(key)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del _ENGINES[key]
+            entry[1] = None  # engine before its runtime
+            entry[0] = None
 
 
 # -- TensorRT plumbing --------------------------------------------------------------------------
@@ -317,45 +370,52 @@ def build_plan(
             f"an INT8 plan for {key.product!r} needs calibration images and there is no calibration cache "
             f"({calibration_cache.name}): run `edge-inspect build-engine --product {key.product} --precision int8`"
         )
+    builder = network = parser = config = timing_cache = None
     with device.active() as cuda:
-        logger = _trt_logger()
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)  # TRT 10: explicit batch is the only mode; EXPLICIT_BATCH flag is deprecated
-        parser = trt.OnnxParser(network, logger)
-        report(f"parsing {onnx_path.name}")
-        if not parser.parse_from_file(str(onnx_path)):  # from a path, so external weights resolve
-            errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise UserError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 rounds FP32 matmul inputs to 10-bit mantissas
-        pinned = 0
-        if key.precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)  # deprecated in 10.12 (strong typing), present in 10.x
-            pinned = _pin_head_to_fp32(trt, network)
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)  # fail loudly rather than run the head in FP16
-            report(f"FP16 backbone, {pinned} head layers pinned to FP32")
-        calibrator = None
-        if key.precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-            calibrator = _make_calibrator(trt, cuda, key.input_shape, images, calibration_cache)
-            config.int8_calibrator = calibrator  # deprecated in 10.1, present in 10.x
-            source = f"{len(images)} good images" if images else f"cached scales {calibration_cache.name}"
-            report(f"INT8 calibration from {source}")
-        timing_path = plan_cache.timing_cache_path(engines_dir, device.facts())
-        timing_cache = _attach_timing_cache(trt, config, timing_path)  # noqa: F841 - must outlive the build
-        if hasattr(trt, "IProgressMonitor"):
-            config.progress_monitor = _progress_monitor(trt, report)
-        report(f"building {key.precision} plan for {key.gpu_name} (TensorRT {key.tensorrt_version}); this takes minutes")
         try:
-            serialized = builder.build_serialized_network(network, config)
+            logger = _trt_logger()
+            builder = trt.Builder(logger)
+            network = builder.create_network(0)  # TRT 10: explicit batch is the only mode; EXPLICIT_BATCH flag is deprecated
+            parser = trt.OnnxParser(network, logger)
+            report(f"parsing {onnx_path.name}")
+            if not parser.parse_from_file(str(onnx_path)):  # from a path, so external weights resolve
+                errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise UserError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}")
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+            config.clear_flag(trt.BuilderFlag.TF32)  # TF32 rounds FP32 matmul inputs to 10-bit mantissas
+            pinned = 0
+            if key.precision in ("fp16", "int8"):
+                config.set_flag(trt.BuilderFlag.FP16)  # deprecated in 10.12 (strong typing), present in 10.x
+                pinned = _pin_head_to_fp32(trt, network)
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)  # fail loudly rather than run the head in FP16
+                report(f"FP16 backbone, {pinned} head layers pinned to FP32")
+            calibrator = None
+            if key.precision == "int8":
+                config.set_flag(trt.BuilderFlag.INT8)
+                calibrator = _make_calibrator(trt, cuda, key.input_shape, images, calibration_cache)
+                config.int8_calibrator = calibrator  # deprecated in 10.1, present in 10.x
+                source = f"{len(images)} good images" if images else f"cached scales {calibration_cache.name}"
+                report(f"INT8 calibration from {source}")
+            timing_path = plan_cache.timing_cache_path(engines_dir, device.facts())
+            timing_cache = _attach_timing_cache(trt, config, timing_path)  # noqa: F841 - must outlive the build
+            if hasattr(trt, "IProgressMonitor"):
+                config.progress_monitor = _progress_monitor(trt, report)
+            report(f"building {key.precision} plan for {key.gpu_name} (TensorRT {key.tensorrt_version}); this takes minutes")
+            try:
+                serialized = builder.build_serialized_network(network, config)
+            finally:
+                if calibrator is not None:
+                    calibrator.free()
+            if serialized is None:
+                raise UserError(f"TensorRT could not build a {key.precision} plan from {onnx_path}; its errors are logged above")
+            data = memoryview(serialized).tobytes()  # IHostMemory supports the buffer protocol
+            del serialized
+            _save_timing_cache(config, timing_path)
         finally:
-            if calibrator is not None:
-                calibrator.free()
-        if serialized is None:
-            raise UserError(f"TensorRT could not build a {key.precision} plan from {onnx_path}; its errors are logged above")
-        data = memoryview(serialized).tobytes()  # IHostMemory supports the buffer protocol
-        _save_timing_cache(config, timing_path)
+            # TensorRT objects are destroyed on their last reference: drop them while the context is current,
+            # also on an error (a raised exception's traceback would otherwise keep them until after the pop).
+            timing_cache = config = parser = network = builder = None  # noqa: F841
     seconds = time.monotonic() - started
     report(f"plan built in {seconds:.1f} s ({len(data) / 2**20:.1f} MiB)")
     return data, {
@@ -419,6 +479,7 @@ class TensorRTBackend(ScorerBackend):
         self._host: dict[str, np.ndarray] = {}
         self._device_buffers: dict[str, Any] = {}
         self._context = self._engine = self._runtime = self._stream = None
+        self._engine_key = None
         ok, reason = tensorrt_available()
         if not ok:
             raise UserError(f"scoring.backend tensorrt: {reason}; use scoring.backend: auto or onnxruntime")
@@ -427,7 +488,7 @@ class TensorRTBackend(ScorerBackend):
         plan_dir = Path(engines_dir) if engines_dir else Path(getattr(product, "engines_dir", onnx_path.parent))
         self.precision = precision
         try:
-            self._gpu = CudaDevice(device)
+            self._gpu = CudaDevice.shared(device)
             self.facts = self._gpu.facts()
             key = plan_cache.plan_key(onnx_path, str(product_name), precision, self.facts)
 
@@ -447,8 +508,9 @@ class TensorRTBackend(ScorerBackend):
         import tensorrt as trt
 
         with self._gpu.active() as cuda:
-            self._runtime = trt.Runtime(_trt_logger())  # kept: the runtime must outlive its engines
-            self._engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+            # One engine per plan in the process (weights once on the GPU); this camera's execution context,
+            # stream and buffers are its own.
+            self._engine_key, self._engine = _acquire_engine(self._gpu.index, self.plan_path)
             if self._engine is None:
                 raise UserError(
                     f"TensorRT {key.tensorrt_version} could not load {self.plan_path} (errors logged above); "
@@ -533,5 +595,8 @@ class TensorRTBackend(ScorerBackend):
                 self._engine = None
                 self._runtime = None
                 self._stream = None
+                if self._engine_key is not None:
+                    _release_engine(self._engine_key)  # the last camera on this plan frees the engine
+                    self._engine_key = None
         finally:
             self._gpu.release()
