@@ -196,3 +196,48 @@ def test_publish_images_sends_the_jpeg_of_every_flagged_frame(tmp_path, product,
 def _all(collector):
     with collector._lock:
         return list(collector.messages)
+
+
+def test_product_switches_one_worker_latest_wins_and_rss_stays_flat(tmp_path, product, mosquitto_broker, daemons):
+    import re
+    import time
+
+    write_frames(tmp_path / "frames", product, 4, defect_every=0)
+    source = {"type": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True}
+    config = write_config(tmp_path, product, mosquitto_broker.port, source=source, trigger={"mode": "every_frame"})
+    product_set = f"{PREFIX}/{STATION}/product/set"
+
+    def rss():
+        seen = len(collector.on(STATS))
+        assert wait_until(lambda: len(collector.on(STATS)) > seen, 30)
+        return collector.on(STATS)[-1].json()["pipeline"]["rss_mb"]
+
+    with MessageCollector(mosquitto_broker.port, [RESULT, STATS]) as collector:
+        collector.wait_subscribed()
+        daemon = daemons(config)
+        assert wait_until(lambda: len(results(collector)) >= 3, 120), daemon.log
+        # a burst: the one worker takes the newest name; no thread per message
+        for name in ["brick-b", "brick", "brick-b", "brick", "brick-b"] * 4:
+            collector.client.publish(product_set, name.encode(), qos=1)
+        assert wait_until(lambda: results(collector)[-1]["product"] == "brick-b", 60), daemon.log
+        burst = len(re.findall(r"switching every camera to product", daemon.log))
+        assert burst < 20, burst  # 20 requests, fewer loads: the latest wins
+        # warm up, then measure RSS over many switches, each waited for
+        for i in range(10):  # first switches load what stays (thread pools, allocator arenas)
+            name = "brick" if i % 2 == 0 else "brick-b"
+            collector.client.publish(product_set, name.encode(), qos=1)
+            assert wait_until(lambda: results(collector)[-1]["product"] == name, 60), daemon.log
+        start = rss()
+        switches = 0
+        for i in range(40):
+            name = "brick" if i % 2 == 0 else "brick-b"
+            collector.client.publish(product_set, name.encode(), qos=1)
+            assert wait_until(lambda: results(collector)[-1]["product"] == name, 60), daemon.log
+            switches += 1
+        time.sleep(1.0)
+        end = rss()
+        print(f"RSS {start} MB -> {end} MB over {switches} product switches ({(end - start) / switches:+.2f} MB/switch)")
+        assert end - start < 20  # was 1-2 MB per switch (156 -> 533 MB over ~250)
+        assert "product-switch" not in daemon.log or "Traceback" not in daemon.log
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.log

@@ -28,7 +28,7 @@ from ..evidence import EvidenceStore
 from ..localize import find_regions
 from ..records import Frame, Inspection, Region, ScoreResult, new_inspection_id
 from .flagged_queue import FlaggedFrame, FlaggedQueue, UpdateOnce
-from .runtime_stats import CameraStats
+from .runtime_stats import CameraStats, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ class CameraPipeline:
                          self._scorer.product.calibration_id)
                 if old is not self._scorer:
                     old.close()
+                    release_freed_memory()
             return self._scorer
 
     def _inspect(self, work: _Work) -> None:

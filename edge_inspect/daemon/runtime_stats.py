@@ -136,3 +136,21 @@ class CameraStats:
             "latency_ms": {stage: window.percentiles() for stage, window in self.latency.items()},
             **counters,
         }
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc malloc_trim) after a big free such as a scorer swap: without
+    it the RSS of a daemon that switches products keeps the high-water mark of every session it loaded."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+            import ctypes.util
+
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        _LIBC = False

@@ -48,3 +48,7 @@ class OrtBackend(ScorerBackend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": list(self.providers), "precision": "fp32"}
+
+    def close(self) -> None:
+        """Drop the session now (its weights and arena), not whenever the last reference goes."""
+        self._session = None
