@@ -241,3 +241,23 @@ def test_product_switches_one_worker_latest_wins_and_rss_stays_flat(tmp_path, pr
         assert "product-switch" not in daemon.log or "Traceback" not in daemon.log
         daemon.send(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log
+
+
+def test_a_retained_product_set_is_not_applied_again_after_a_reconnect(tmp_path, product, mosquitto_factory, daemons):
+    broker = mosquitto_factory(persistence_dir=tmp_path / "broker")  # keeps the retained message across the restart
+    write_frames(tmp_path / "frames", product, 4, defect_every=0)
+    source = {"type": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True}
+    config = write_config(tmp_path, product, broker.port, source=source, trigger={"mode": "every_frame"})
+    with MessageCollector(broker.port, [RESULT, STATS]) as collector:
+        collector.wait_subscribed()
+        collector.client.publish(f"{PREFIX}/{STATION}/product/set", b"brick-b", qos=1, retain=True).wait_for_publish(10)
+        daemon = daemons(config)
+        assert wait_until(lambda: results(collector) and results(collector)[-1]["product"] == "brick-b", 120), daemon.log
+        assert daemon.log.count("switching every camera to product brick-b") == 1
+        broker.stop()
+        broker.start()
+        assert wait_until(lambda: daemon.log.count("connected to 127.0.0.1") >= 2, 60), daemon.log
+        assert daemon.wait_log(r"product/set brick-b: every camera already runs it", 30), daemon.log
+        assert daemon.log.count("switching every camera to product brick-b") == 1  # no reload of the scorer
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.log

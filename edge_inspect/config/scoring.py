@@ -23,5 +23,7 @@ class ScoringConfig(Section):
     calibration_dir: str = Field("calibration", description="Folder holding calibration/<product>/.")
     engines_dir: str = Field("engines", description="Folder holding exported ONNX graphs and TensorRT plans.")
     allow_engine_build: bool = Field(
-        True, description="Build a TensorRT plan when none matches this device; false refuses instead."
+        True, description="Build a TensorRT plan at start when none matches this device; false refuses instead. "
+        "A SIGHUP reload or an MQTT product/set never builds (minutes, on the loop that feeds the watchdog, or "
+        "started remotely): it refuses, naming `edge-inspect build-engine`."
     )
