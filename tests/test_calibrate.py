@@ -212,3 +212,25 @@ def test_command_line_exit_code_is_2_for_user_errors(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_score_many_matches_one_at_a_time_and_views_alternate():
+    import numpy as np
+
+    from edge_inspect.scorer.calibrate import NUISANCE, nuisance_views, score_many, score_patches
+    from edge_inspect.scorer.params import ScorerParams
+
+    rng = np.random.default_rng(0)
+    params = ScorerParams(input_size=(64, 64))
+    bank = rng.standard_normal((300, 8)).astype(np.float32)
+    maps = [rng.standard_normal((8, 8, 8)).astype(np.float32) for _ in range(3)]
+    together = score_many(maps, bank, params)
+    assert together == pytest.approx([score_patches(m, bank, params)[0] for m in maps], rel=1e-5)
+
+    image = rng.integers(0, 200, (40, 50, 3), dtype=np.uint8)
+    views = nuisance_views(image)
+    assert len(views) == len(NUISANCE) and all(v.shape == image.shape for v in views)
+    assert not any(np.array_equal(v, image) for v in views)
+    # With fewer views per image, consecutive images start at the next kind: shifts and gains alternate.
+    first, second = nuisance_views(image, 0, 1)[0], nuisance_views(image, 1, 1)[0]
+    assert np.array_equal(first, views[0]) and np.array_equal(second, views[1])

@@ -111,17 +111,24 @@ def augmented(bgr: np.ndarray, kinds: Sequence[str], rng: np.random.Generator) -
     return out
 
 
-def nuisance_views(bgr: np.ndarray) -> list[np.ndarray]:
+NUISANCE = (("shift", 0.02), ("gain", 0.95), ("shift", -0.02), ("gain", 1.05))
+NUISANCE_SAMPLES = 16  # views in all: 4 per image at 4 shots, fewer per image with more shots
+
+
+def nuisance_views(bgr: np.ndarray, index: int = 0, count: int = len(NUISANCE)) -> list[np.ndarray]:
     """Threshold evidence, never bank content: the part-to-part variation of a fixtured line (a 2 %
     shift either way, gain 0.95 and 1.05). Scored leave-one-out, they sample the good parts' score
-    tail five times as densely as the shots alone."""
+    tail more densely than the shots alone. `count` views, starting at `index` in NUISANCE, so that
+    with fewer views per image the kinds still alternate across images."""
     h, w = bgr.shape[:2]
     out = []
-    for f in (0.02, -0.02):
-        m = np.float32([[1, 0, round(f * w)], [0, 1, round(f * h)]])
-        out.append(cv2.warpAffine(bgr, m, (w, h), borderMode=cv2.BORDER_REFLECT_101))
-    for gain in (0.95, 1.05):
-        out.append(np.clip(bgr.astype(np.float32) * gain, 0, 255).astype(np.uint8))
+    for k in range(count):
+        kind, value = NUISANCE[(index + k) % len(NUISANCE)]
+        if kind == "shift":
+            m = np.float32([[1, 0, round(value * w)], [0, 1, round(value * h)]])
+            out.append(cv2.warpAffine(bgr, m, (w, h), borderMode=cv2.BORDER_REFLECT_101))
+        else:
+            out.append(np.clip(bgr.astype(np.float32) * value, 0, 255).astype(np.uint8))
     return out
 
 
@@ -184,6 +191,14 @@ def score_patches(features: np.ndarray, bank: np.ndarray, params: ScorerParams) 
     dist = nearest_distances(features.reshape(d, h * w).T, bank).reshape(h, w)
     amap = anomaly_map_from_distances(dist, params)
     return image_score(amap, params), amap
+
+
+def score_many(features: Sequence[np.ndarray], bank: np.ndarray, params: ScorerParams) -> list[float]:
+    """Image scores of several [D, h, w] feature maps against one bank, in one nearest-neighbour pass."""
+    d, h, w = features[0].shape
+    queries = np.concatenate([f.reshape(d, h * w).T for f in features])
+    dist = nearest_distances(queries, bank).reshape(len(features), h, w)
+    return [image_score(anomaly_map_from_distances(x, params), params) for x in dist]
 
 
 def layer_channels(params: ScorerParams) -> list[int]:
@@ -315,10 +330,12 @@ def calibrate_product(
     # Each good image against a bank of the *other* good images: how a new good part will score.
     others_of = [np.concatenate([p for j, p in enumerate(per_image) if j != i]) for i in range(len(per_image))]
     loo, view_scores = [], []
+    views_per_image = max(1, min(len(NUISANCE), round(NUISANCE_SAMPLES / len(images))))
     for i, f in enumerate(own):
-        loo.append(score_patches(f, others_of[i], params)[0])
-        for view in nuisance_views(images[i]):
-            view_scores.append(score_patches(transform(extractor(view)[0]), others_of[i], params)[0])
+        views = [transform(extractor(v)[0]) for v in nuisance_views(images[i], i, views_per_image)]
+        scores = score_many([f, *views], others_of[i], params)  # one pass over the bank for all of them
+        loo.append(scores[0])
+        view_scores += scores[1:]
         bar.update(1)
 
     step("synthetic anomalies")

@@ -46,12 +46,16 @@ def greedy_coreset(patches: np.ndarray, size: int, seed: int = 0, projection_dim
 
 def nearest_distances(queries: np.ndarray, bank: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Euclidean distance of each query row to its nearest bank row (matrix-product form, chunked)."""
-    bank = bank.astype(np.float32)
+    bank = np.asarray(bank, dtype=np.float32)
+    bank_t = np.ascontiguousarray(bank.T)
     bank_sq = np.einsum("ij,ij->i", bank, bank)
     out = np.empty(queries.shape[0], dtype=np.float32)
     for start in range(0, queries.shape[0], chunk):
-        q = queries[start : start + chunk].astype(np.float32)
-        d2 = (bank_sq[None, :] - 2.0 * (q @ bank.T)).min(axis=1) + np.einsum("ij,ij->i", q, q)
+        q = np.asarray(queries[start : start + chunk], dtype=np.float32)
+        cross = q @ bank_t  # [n, M]; worked on in place: the temporaries cost as much as the product
+        cross *= -2.0
+        cross += bank_sq[None, :]
+        d2 = cross.min(axis=1) + np.einsum("ij,ij->i", q, q)
         out[start : start + chunk] = np.sqrt(np.maximum(d2, 0.0))
     return out
 
