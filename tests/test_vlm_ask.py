@@ -482,3 +482,22 @@ def test_gemma_270m_text_mode_answers_a_yes_no_follow_up_from_the_evidence_words
     assert first["model"] == "Gemma 3 270m" and second["prompt_tokens"] > first["prompt_tokens"] > 300
     for body in (first, second):
         jsonschema.validate(answer_payload("t1", body), ANSWER_SCHEMA)
+
+
+@pytest.mark.vlm
+def test_bench_times_follow_up_questions_after_each_verdict(tiny):
+    from edge_inspect.offline import bench_vlm
+
+    args = bench_vlm.build_parser().parse_args([
+        "--model", str(tiny.model), "--mmproj", str(tiny.mmproj), "--frames", "1", "--warmup", "0",
+        "--followups", "2", "--threads", "1", "--n-ctx", "8192", "--max-tokens", "1500", "--ask-max-tokens", "1000",
+    ])
+    result = bench_vlm.run(args)
+    rows = {row["mode"]: row for row in result["followups"]}
+    assert sorted(rows) == ["image", "text"], result
+    for row in rows.values():
+        assert row["questions"] == 2 and row["valid"] == 2, row
+        assert row["ttft_ms_p50"] > 0 and row["prompt_tokens"] > 0 and 0 < row["prompt_decoded"] <= row["prompt_tokens"]
+    # text mode reuses the KV cache of the shared prefix (the previous request); image mode re-encodes it
+    assert rows["text"]["prompt_decoded"] < rows["text"]["prompt_tokens"] / 2, rows["text"]
+    assert "follow-up questions" in bench_vlm.render_table(result)

@@ -15,6 +15,12 @@ effective tokens/s (generated tokens over the wall time after the prompt: includ
 sampling, which costs about as much as decoding for vocabularies of 150k+ tokens), and how many
 answers parsed as valid verdicts. The tiny random-weight model (tools/bench_vlm.py --tiny) shows
 overheads only, never model quality.
+
+--followups N adds a second table: after each frame's verdict, N follow-up questions about it on the
+same worker (vlm/followup.py prompts: the verdict prompt, the verdict, the earlier turns, the
+question), with time to first token (everything before the first generated token, measured in the
+worker: template, image encoding, prompt decode), prompt tokens and how many of them llama.cpp
+actually decoded (the rest came from the KV cache of the previous request's shared prefix).
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ import numpy as np
 
 from ..config.vlm import VlmConfig
 from ..records import Region
+from ..vlm.followup import FollowupInputs, StoredInspection, Turn, build_followup_prompt
 from ..vlm.knowledge import Knowledge, parse_knowledge
 from ..vlm.prompt import PromptInputs, Reference, build_prompt
-from ..vlm.schema import VerdictError, parse_verdict
+from ..vlm.schema import AnswerError, VerdictError, parse_answer, parse_verdict
 from ..vlm.worker import VlmWorker
 
 # The prompt's product knowledge when --knowledge is not given (examples/knowledge.yaml, shortened).
@@ -44,7 +51,7 @@ good_part: >-
   Zinc-plated steel mounting bracket seen from above: an L-shaped plate with two round holes of equal
   size near the short edge, a uniform matte grey surface and straight, burr-free edges.
 defects:
-  - {name: scratch, description: A thin bright or dark line in the plating, usually straight.}
+  - {name: scratch, description: "A thin bright or dark line in the plating, usually straight."}
   - {name: dent, description: A local deformation that catches the light as a dark crescent or bright ring.}
   - {name: missing_hole, description: One of the two holes is not punched or only partly punched.}
   - {name: rust, description: Orange-brown stain or speckles where the plating is damaged.}
@@ -143,6 +150,128 @@ def bench_mode(config: VlmConfig, knowledge: Knowledge, frames: list[dict[str, A
     }
 
 
+FOLLOWUP_QUESTIONS = (
+    "Is the defect deeper than the coating?",
+    "Which side of the part is it on?",
+    "What could have caused it?",
+    "Is it within the tolerance of the catalogue?",
+    "Where exactly does it start?",
+)
+
+
+def bench_followups(config: VlmConfig, knowledge: Knowledge, frames: list[dict[str, Any]], questions: int) -> dict[str, Any]:
+    """Per frame: the verdict (untimed, as the daemon makes it first), then `questions` follow-ups, timed."""
+    worker = VlmWorker(config, name=f"bench-ask-{config.mode}")
+    worker.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        if not worker.wait_ready(config.load_timeout_s):
+            return {"mode": config.mode, "error": worker.state()["last_error"] or "worker not ready"}
+        for frame in frames:
+            reference = Reference(Path("reference.jpg"), 0.9, frame["reference"]) if config.mode == "image" else None
+            body: dict[str, Any] = {
+                "product": "bracket", "score": frame["score"], "threshold": frame["threshold"],
+                "regions": [r.to_json() for r in frame["regions"]],
+            }
+            verdict_prompt = build_prompt(
+                PromptInputs(
+                    product="bracket", knowledge=knowledge, frame_bgr=frame["bgr"], score=frame["score"],
+                    threshold=frame["threshold"], regions=frame["regions"], mode=config.mode, reference=reference,
+                    reasoning=config.reasoning, image_max_side=config.image_max_side,
+                )
+            )
+            reply = worker.infer(verdict_prompt.messages, verdict_prompt.grammar, config.timeout_s)
+            try:
+                verdict, _ = parse_verdict(reply.text, verdict_prompt.defect_types)
+                body.update(vlm_status="done", vlm=verdict.to_json())
+            except VerdictError:
+                pass  # follow-ups without a first verdict
+            stored = StoredInspection("bench", Path("bench.json"), body, frame["bgr"])
+            history: list[Turn] = []
+            for turn in range(1, questions + 1):
+                question = FOLLOWUP_QUESTIONS[(turn - 1) % len(FOLLOWUP_QUESTIONS)]
+                prompt = build_followup_prompt(
+                    FollowupInputs(
+                        stored, question, history, knowledge=knowledge, reference=reference, mode=config.mode,
+                        reasoning=config.reasoning, image_max_side=config.image_max_side,
+                        history_tokens=config.ask.history_tokens,
+                    )
+                )
+                t0 = time.monotonic()
+                reply = worker.infer(prompt.messages, prompt.grammar, config.ask.timeout_s, max_tokens=config.ask.max_tokens)
+                latency_ms = 1000.0 * (time.monotonic() - t0)
+                c = reply.completion or {}
+                valid, error = False, reply.reason
+                if reply.ok:
+                    try:
+                        answer = parse_answer(reply.text, prompt.kind)
+                        history.append(Turn("bench", turn, question, prompt.kind, answer))
+                        valid, error = True, ""
+                    except AnswerError as exc:
+                        error = str(exc)
+                gen_ms = c.get("generation_ms", 0.0)
+                after_first_s = max(1e-9, gen_ms / 1000.0)
+                rows.append({
+                    "turn": turn, "latency_ms": latency_ms,
+                    "ttft_ms": max(0.0, c.get("total_ms", 0.0) - gen_ms),
+                    "prompt_tokens": c.get("prompt_tokens", 0), "prompt_evals": c.get("prompt_evals", 0),
+                    "generated_tokens": c.get("generated_tokens", 0),
+                    "decode_tps": 1000.0 * c.get("generation_evals", 0) / gen_ms if gen_ms else 0.0,
+                    "effective_tps": c.get("generated_tokens", 0) / max(1e-9, (c.get("total_ms", 0.0) - c.get("prompt_ms", 0.0)) / 1000.0)
+                    if reply.ok else 0.0,
+                    "after_first_tps": max(0, c.get("generated_tokens", 0) - 1) / after_first_s if reply.ok else 0.0,
+                    "valid": valid, "error": error,
+                })
+    finally:
+        worker.stop(timeout=10)
+
+    def mean(key: str, subset: list[dict[str, Any]] | None = None) -> float:
+        chosen = rows if subset is None else subset
+        return round(statistics.mean(r[key] for r in chosen), 1) if chosen else 0.0
+
+    later = [r for r in rows if r["turn"] > 1]
+    return {
+        "mode": config.mode,
+        "questions": len(rows),
+        "latency_ms_p50": round(_percentile(sorted(r["latency_ms"] for r in rows), 50), 1),
+        "ttft_ms_p50": round(_percentile(sorted(r["ttft_ms"] for r in rows), 50), 1),
+        "ttft_ms_turn1": mean("ttft_ms", [r for r in rows if r["turn"] == 1]),
+        "ttft_ms_later": mean("ttft_ms", later),
+        "prompt_tokens": mean("prompt_tokens"),
+        "prompt_decoded": mean("prompt_evals"),
+        "generated_tokens": mean("generated_tokens"),
+        "decode_tokens_per_s": mean("decode_tps"),
+        "effective_tokens_per_s": mean("effective_tps"),
+        "valid": sum(r["valid"] for r in rows),
+        "errors": sorted({r["error"] for r in rows if r["error"]}),
+    }
+
+
+def render_followups(result: dict[str, Any]) -> str:
+    header = ("mode", "questions", "p50 ms", "TTFT p50 ms", "TTFT turn 1", "TTFT later", "prompt tok", "decoded tok",
+              "gen tok", "decode tok/s", "eff. tok/s", "valid")
+    lines = []
+    for m in result.get("followups", []):
+        if "error" in m:
+            lines.append((m["mode"], f"error: {m['error']}"))
+            continue
+        lines.append((
+            m["mode"], str(m["questions"]), f"{m['latency_ms_p50']:.0f}", f"{m['ttft_ms_p50']:.0f}",
+            f"{m['ttft_ms_turn1']:.0f}", f"{m['ttft_ms_later']:.0f}", f"{m['prompt_tokens']:.0f}",
+            f"{m['prompt_decoded']:.0f}", f"{m['generated_tokens']:.0f}", f"{m['decode_tokens_per_s']:.1f}",
+            f"{m['effective_tokens_per_s']:.1f}", f"{m['valid']}/{m['questions']}",
+        ))
+    widths = [max(len(h), *(len(row[i]) for row in lines if len(row) == len(header))) for i, h in enumerate(header)]
+    out = ["follow-up questions (after each verdict, same worker; decoded tok < prompt tok = KV-cache prefix reused):",
+           "  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    for row in lines:
+        out.append("  ".join(c.rjust(w) for c, w in zip(row, widths)) if len(row) == len(header) else f"{row[0]:>{widths[0]}}  {row[1]}")
+    for m in result.get("followups", []):
+        for error in m.get("errors", []):
+            out.append(f"  {m['mode']}: {error}")
+    return "\n".join(out)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -178,6 +307,8 @@ def render_table(result: dict[str, Any]) -> str:
     for m in result["modes"]:
         for error in m.get("errors", []):
             out.append(f"  {m['mode']}: {error}")
+    if result.get("followups"):
+        out.append(render_followups(result))
     if result["tiny"]:
         out.append("note: tiny random-weight model: overheads only, answers are meaningless")
     return "\n".join(out)
@@ -212,6 +343,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             chat_format=args.chat_format if mode == "image" else args.text_chat_format, **common,
         )
         results.append(bench_mode(config, knowledge, frames, args.warmup))
+    followups = []
+    for mode in modes if getattr(args, "followups", 0) else ():
+        config = VlmConfig(
+            mode=mode, mmproj=mmproj if mode == "image" else "",
+            chat_format=args.chat_format if mode == "image" else args.text_chat_format,
+            ask={"max_tokens": args.ask_max_tokens, "timeout_s": args.timeout}, **common,
+        )
+        followups.append(bench_followups(config, knowledge, frames, args.followups))
     return {
         "model_file": os.path.basename(model),
         "mmproj_file": os.path.basename(mmproj) if mmproj else None,
@@ -224,6 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "llama_cpp_python": llama_cpp.__version__,
         "llama_system_info": llama_cpp.llama_print_system_info().decode().strip(),
         "modes": results,
+        **({"followups": followups} if followups else {}),
     }
 
 
@@ -244,5 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-max-side", type=int, default=672)
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     parser.add_argument("--no-reasoning", action="store_true", help="no observations field before the verdict")
+    parser.add_argument("--followups", type=int, default=0, metavar="N",
+                        help="also time N follow-up questions per frame after its verdict (vlm/followup.py)")
+    parser.add_argument("--ask-max-tokens", type=int, default=256, help="vlm.ask.max_tokens for the follow-ups")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     return parser

@@ -365,7 +365,7 @@ def run_cli(
     conversation_id: str | None = None,
     chat: bool = False,
     as_json: bool = False,
-    input_fn: Callable[[str], str] = input,
+    input_fn: Callable[[str], str] | None = None,
     out: Any = None,
 ) -> int:
     """`edge-inspect ask`: answer on the station's evidence folder with a worker of its own.
@@ -377,6 +377,7 @@ def run_cli(
     from .stage import VlmStage
 
     out = out or sys.stdout
+    input_fn = input_fn or _read_line
     vlm = config.vlm
     if not vlm.enabled:
         raise AskFailed("vlm_disabled: vlm.enabled is false in the config; set vlm.enabled: true and vlm.model "
@@ -433,6 +434,19 @@ def run_cli(
                 print(f"error: {body['error_code']}: {body['error']}", file=sys.stderr, flush=True)
     finally:
         stage.stop(timeout=5.0)
+
+
+def _read_line(prompt: str) -> str:
+    """One line from stdin, the prompt on stderr (stdout carries only answers, e.g. with --json)."""
+    import sys
+
+    if sys.stdin.isatty():
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 def _valid_id(inspection_id: str) -> bool:

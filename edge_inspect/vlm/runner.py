@@ -230,6 +230,7 @@ class Completion:
     generation_ms: float
     total_ms: float
     generation_evals: int = 0  # single-token decodes llama.cpp timed in generation_ms
+    prompt_evals: int = 0  # prompt tokens llama.cpp decoded (prompt_tokens minus a reused KV-cache prefix)
 
     @property
     def generation_tokens_per_s(self) -> float:
@@ -245,6 +246,7 @@ class Completion:
             "generation_ms": round(self.generation_ms, 2),
             "total_ms": round(self.total_ms, 2),
             "generation_evals": self.generation_evals,
+            "prompt_evals": self.prompt_evals,
         }
 
 
@@ -355,6 +357,7 @@ class LlamaRunner:
             prompt_ms=float(perf.t_p_eval_ms),
             generation_ms=float(perf.t_eval_ms),
             generation_evals=int(perf.n_eval),
+            prompt_evals=int(perf.n_p_eval),
             total_ms=1000.0 * (time.monotonic() - start),
         )
 
