@@ -140,9 +140,13 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_magnetic_tile(args: argparse.Namespace) -> int:
+def _need_train(args: argparse.Namespace) -> None:
     if args.train < 1:
         raise UserError("--train must be at least 1 (train/good cannot be empty)")
+
+
+def run_magnetic_tile(args: argparse.Namespace) -> int:
+    _need_train(args)
     root = mvtec.convert_magnetic_tile(
         args.source, args.out, n_train=args.train, n_test_good=args.test_good, resize=args.resize,
         seed=args.seed, limit=args.limit, overwrite=args.overwrite, progress=True, lighting=args.lighting,
@@ -152,8 +156,7 @@ def run_magnetic_tile(args: argparse.Namespace) -> int:
 
 
 def run_elpv(args: argparse.Namespace) -> int:
-    if args.train < 1:
-        raise UserError("--train must be at least 1 (train/good cannot be empty)")
+    _need_train(args)
     root = mvtec.convert_elpv(
         args.out, args.kind, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect,
         seed=args.seed, overwrite=args.overwrite, labels_csv=args.labels,

@@ -89,15 +89,7 @@ def parse_verdict(
     latency_ms: float = 0.0,
 ) -> tuple[Verdict, str]:
     """Parse and check the model's JSON; return the Verdict and the observations text (may be '')."""
-    cleaned = text.strip()
-    if not cleaned:
-        raise VerdictError("empty output")
-    try:
-        data = json.loads(cleaned)
-    except json.JSONDecodeError as exc:
-        raise VerdictError(f"not JSON: {exc.msg} at char {exc.pos}") from None
-    if not isinstance(data, dict):
-        raise VerdictError(f"expected a JSON object, got {type(data).__name__}")
+    data = _json_object(text, VerdictError)
     allowed = {"observations", "defect", "defect_type", "location", "description", "confidence"}
     extra = sorted(set(data) - allowed)
     if extra:
@@ -165,6 +157,20 @@ _LOCATION_WORDS = ("where", "which side", "which part", "which corner", "which a
                    "located", "position")
 
 
+def _json_object(text: str, error: type[VerdictError]) -> dict[str, Any]:
+    """The model's output as one JSON object, or `error` saying what it was instead."""
+    cleaned = text.strip()
+    if not cleaned:
+        raise error("empty output")
+    try:
+        data = json.loads(cleaned)
+    except json.JSONDecodeError as exc:
+        raise error(f"not JSON: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise error(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 class AnswerError(VerdictError):
     """The model's output is not a valid answer to a follow-up question."""
 
@@ -217,15 +223,7 @@ def answer_grammar(kind: str) -> str:
 
 def parse_answer(text: str, kind: str) -> dict[str, Any]:
     """Parse and check an answer: {"answer": str, "yes_no"?: "yes"|"no", "location"?: [grid words]}."""
-    cleaned = text.strip()
-    if not cleaned:
-        raise AnswerError("empty output")
-    try:
-        data = json.loads(cleaned)
-    except json.JSONDecodeError as exc:
-        raise AnswerError(f"not JSON: {exc.msg} at char {exc.pos}") from None
-    if not isinstance(data, dict):
-        raise AnswerError(f"expected a JSON object, got {type(data).__name__}")
+    data = _json_object(text, AnswerError)
     expected = set(answer_schema(kind)["properties"])
     if set(data) != expected:
         raise AnswerError(f"expected keys {sorted(expected)}, got {sorted(data)}")

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import onnx
 
 from ...errors import UserError
+from ..product import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,6 @@ def read_sidecar(plan: Path) -> dict[str, Any] | None:
         return None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def plan_problem(plan: Path, key: PlanKey) -> str | None:
     """Why the plan at `plan` must not run for `key`, or None when it may."""
     if not plan.is_file():
@@ -175,7 +168,7 @@ def plan_problem(plan: Path, key: PlanKey) -> str | None:
         return f"sidecar key unreadable ({exc})"
     if built_for != key:
         return "built for a different setup: " + "; ".join(key.differences(built_for))
-    if sidecar.get("plan_sha256") != _file_sha256(plan):
+    if sidecar.get("plan_sha256") != file_sha256(plan):
         return "plan file does not match the sha256 in its sidecar (truncated or replaced)"
     return None
 
