@@ -1,8 +1,24 @@
-"""Helpers shared by tests that build scorer graphs without the pretrained weights."""
+"""Helpers shared by tests: scorer graphs without the pretrained weights, the tiny llama.cpp VLM."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+import pytest
+
+HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+NO_LLAMA = "llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)"
+
+
+def tiny_vlm_or_skip(tmp_path_factory):
+    """The tiny random-weight vision GGUF and projector (tests/tiny_gguf.py), or a skip saying why."""
+    if not HAS_LLAMA:
+        pytest.skip(NO_LLAMA)
+    pytest.importorskip("gguf", reason="the gguf package writes the tiny test model")
+    from tiny_gguf import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny"))
 
 
 def random_folded_weights(seed: int = 0) -> dict[str, np.ndarray]:

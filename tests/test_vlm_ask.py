@@ -3,7 +3,6 @@ the ask/answer payloads, the question queue, and the real llama.cpp path (tiny r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import threading
@@ -35,10 +34,10 @@ from edge_inspect.vlm.followup import (
 )
 from edge_inspect.vlm.schema import AnswerError, answer_grammar, answer_schema, parse_answer, question_kind
 from edge_inspect.vlm.worker import WorkerReply
+from model_helpers import HAS_LLAMA, NO_LLAMA, tiny_vlm_or_skip
+
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
-NO_LLAMA = "llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)"
 ANSWER_SCHEMA = load_schema("answer")
 ASK_SCHEMA = load_schema("ask")
 
@@ -413,12 +412,7 @@ def test_service_waits_for_flagged_frames_and_reports_a_disabled_vlm():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    if not HAS_LLAMA:
-        pytest.skip(NO_LLAMA)
-    pytest.importorskip("gguf", reason="the gguf package writes the tiny test model")
-    from tiny_gguf import build_tiny_vlm
-
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny"))
+    return tiny_vlm_or_skip(tmp_path_factory)
 
 
 def _tiny_vlm(tiny, **changes) -> dict:

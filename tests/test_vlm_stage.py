@@ -3,7 +3,6 @@ that crashes and hangs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,11 +23,11 @@ from edge_inspect.daemon.flagged_queue import FlaggedFrame, FlaggedQueue
 from edge_inspect.records import Frame
 from edge_inspect.vlm.stage import Decision, VlmStage, build_update, decide
 from edge_inspect.vlm.worker import backoff_delay, hard_timeout
+from model_helpers import HAS_LLAMA, NO_LLAMA, tiny_vlm_or_skip
+
 
 REPO = Path(__file__).resolve().parents[1]
 UPDATE_SCHEMA = json.loads((REPO / "edge_inspect" / "mqtt" / "schemas" / "result_update.json").read_text())
-HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
-NO_LLAMA = "llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)"
 
 
 # --- pure parts ------------------------------------------------------------------------------------
@@ -200,12 +199,7 @@ def _score(score: float) -> ScoreResult:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    if not HAS_LLAMA:
-        pytest.skip(NO_LLAMA)
-    pytest.importorskip("gguf", reason="the gguf package writes the tiny test model")
-    from tiny_gguf import build_tiny_vlm
-
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny"))
+    return tiny_vlm_or_skip(tmp_path_factory)
 
 
 @pytest.fixture
