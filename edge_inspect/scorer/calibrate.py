@@ -223,8 +223,10 @@ def channel_scales(params: ScorerParams) -> np.ndarray:
 
 def feature_transform(params: ScorerParams) -> Callable[[np.ndarray], np.ndarray]:
     """Raw features [..., D, h, w] -> what the scorer graph compares: layer-scaled, then projected."""
-    weights = (channel_scales(params) if params.layer_scales else np.ones(sum(layer_channels(params)), np.float32))[:, None]  # [D, 1]
     projection = projection_matrix(params)
+    if projection is None and not params.layer_scales:  # the default: the graph compares raw features
+        return lambda f: np.asarray(f, np.float32)
+    weights = (channel_scales(params) if params.layer_scales else np.ones(sum(layer_channels(params)), np.float32))[:, None]  # [D, 1]
     if projection is not None:
         weights = (projection * weights.T).T  # [D, P]: scale each input channel, then project
         return lambda f: np.einsum("...dhw,dp->...phw", f, weights, optimize=True).astype(np.float32)
