@@ -149,6 +149,7 @@ class Inspection:
     part_id: str | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     calibration_id: str = ""
+    calibration_version: int | None = None  # scorer/versions.py; None: calibrated before versioning
     model_id: str = ""
     vlm_status: VlmStatus = "skipped"
     evidence_path: str | None = None

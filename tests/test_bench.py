@@ -14,6 +14,7 @@ import pytest
 
 from edge_inspect import cli
 from edge_inspect.offline.bench import Latency, time_calls
+from edge_inspect.scorer.versions import active_directory
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("scorer_p50_ms", "scorer_p99_ms", "reference_p50_ms", "reference_p99_ms", "speedup")
@@ -46,7 +47,7 @@ def _check_both_ran(result: dict) -> None:
 def test_bench_json_on_a_calibrated_product(calibrated_product, capsys):
     result = _bench_json(capsys, *_product_args(calibrated_product), "--backend", "onnxruntime")
     _check_both_ran(result)
-    manifest = json.loads((calibrated_product["calibration_dir"] / calibrated_product["name"] / "manifest.json").read_text())
+    manifest = json.loads((active_directory(calibrated_product["calibration_dir"], calibrated_product["name"]) / "manifest.json").read_text())
     assert result["input_size"] == manifest["input_size"]
     assert result["bank_size"] == manifest["bank"]["patches"] and result["feature_dim"] == manifest["bank"]["dim"]
     assert result["frames"] == len(manifest["images"]) and "good references" in result["frames_source"]

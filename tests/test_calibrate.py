@@ -19,6 +19,7 @@ import pytest
 from edge_inspect import cli
 from edge_inspect.scorer.calibrate import BACKBONE_FILE
 from edge_inspect.scorer.product import load_product
+from edge_inspect.scorer.versions import active_directory
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--size", "64", "--bank-size", "64"]
@@ -94,8 +95,7 @@ def test_existing_product_needs_force_and_force_keeps_the_knowledge_file(tmp_pat
     assert _calibrate(tmp_path, engines_dir, images) == 0
     product_dir = tmp_path / "calibration" / "bracket"
     (product_dir / "knowledge.yaml").write_text("product: bracket\n")
-    (product_dir / "stale.txt").write_text("from an older calibration")
-    before = json.loads((product_dir / "manifest.json").read_text())
+    before = json.loads((active_directory(tmp_path / "calibration", "bracket") / "manifest.json").read_text())
     capsys.readouterr()
 
     assert _calibrate(tmp_path, engines_dir, images) == 2
@@ -103,11 +103,12 @@ def test_existing_product_needs_force_and_force_keeps_the_knowledge_file(tmp_pat
     assert "already exists" in err and "--force" in err
 
     assert _calibrate(tmp_path, engines_dir, _write_images(tmp_path / "more", bricks[3:7]), "bracket", "--force") == 0
-    after = json.loads((product_dir / "manifest.json").read_text())
+    after = json.loads((active_directory(tmp_path / "calibration", "bracket") / "manifest.json").read_text())
     assert len(after["images"]) == 4 and len(before["images"]) == 3
+    # the recalibration is a new version whose parent is the first: it can be rolled back
+    assert before["version"]["number"] == 1 and after["version"] == {**after["version"], "number": 2, "parent": 1, "change": "calibrate"}
     assert (product_dir / "knowledge.yaml").read_text() == "product: bracket\n"  # written by people: kept
-    assert not (product_dir / "stale.txt").exists()
-    assert not list((tmp_path / "calibration").glob(".*tmp"))
+    assert not list((product_dir / "versions").glob(".*tmp"))
 
 
 def test_mixed_sizes_warn_and_still_calibrate(tmp_path, engines_dir, bricks, caplog):
@@ -117,15 +118,16 @@ def test_mixed_sizes_warn_and_still_calibrate(tmp_path, engines_dir, bricks, cap
         assert _calibrate(tmp_path, engines_dir, images) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("2 different sizes" in w and "160x128" in w for w in warnings), warnings
-    assert len(json.loads((tmp_path / "calibration" / "bracket" / "manifest.json").read_text())["images"]) == 4
+    assert len(json.loads((active_directory(tmp_path / "calibration", "bracket") / "manifest.json").read_text())["images"]) == 4
 
 
 def test_calibration_directory_contents(tmp_path, engines_dir, bricks, capsys):
     images = _write_images(tmp_path / "good", bricks[:4])
     assert _calibrate(tmp_path, engines_dir, images, "bracket", "--roi", "4,8,80,72", "--json") == 0
     summary = json.loads(capsys.readouterr().out)
-    product_dir = tmp_path / "calibration" / "bracket"
-    assert summary["directory"] == str(product_dir) and summary["images"] == 4
+    assert summary["directory"] == str(tmp_path / "calibration" / "bracket") and summary["images"] == 4
+    product_dir = active_directory(tmp_path / "calibration", "bracket")
+    assert summary["version"] == 1 and summary["version_directory"] == str(product_dir)
 
     manifest = json.loads((product_dir / "manifest.json").read_text())
     assert manifest["product"] == "bracket" and manifest["calibration_id"] == summary["calibration_id"]

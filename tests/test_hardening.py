@@ -17,6 +17,7 @@ from edge_inspect.config import ConfigError, parse_config
 from edge_inspect.errors import CalibrationError
 from edge_inspect.mqtt.dispatch import CommandDispatcher, Route
 from edge_inspect.mqtt.payloads import parse_product_set, parse_trigger
+from edge_inspect.scorer.versions import active_directory
 
 BASE = """\
 station: s1
@@ -219,7 +220,7 @@ def test_a_damaged_calibration_is_a_user_error_naming_the_file_and_the_fix(kind,
 
     calibration, engines, name = damaged_copy
     load_product(calibration, name, engines)  # the undamaged copy loads
-    culprit = _damage(kind, calibration / name, engines)
+    culprit = _damage(kind, active_directory(calibration, name), engines)
     with pytest.raises(CalibrationError) as err:
         load_product(calibration, name, engines)
     assert culprit in str(err.value) and "--force" in str(err.value)
@@ -240,7 +241,7 @@ def test_a_scorer_graph_that_does_not_load_is_a_calibration_error(damaged_copy):
     from edge_inspect.scorer.product import Scorer, load_product
 
     calibration, engines, name = damaged_copy
-    manifest_path = calibration / name / "manifest.json"
+    manifest_path = active_directory(calibration, name) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     del manifest["scorer_onnx"]["sha256"]
     manifest_path.write_text(json.dumps(manifest))

@@ -9,6 +9,8 @@ import signal
 
 import pytest
 from mqtt_broker import MessageCollector, mosquitto_binary
+
+from edge_inspect.scorer.versions import active_directory
 from test_daemon import (  # noqa: F401 - fixtures
     PREFIX,
     RESULT,
@@ -34,7 +36,7 @@ def _products_with_a_broken_one(tmp_path, product) -> dict:
     calibration = tmp_path / "calibration"
     shutil.copytree(product["calibration_dir"], calibration)
     shutil.copytree(calibration / "brick", calibration / "broken")
-    (calibration / "broken" / "threshold.json").write_text(json.dumps({"threshold": "high"}))
+    (active_directory(calibration, "broken") / "threshold.json").write_text(json.dumps({"threshold": "high"}))
     return {**product, "calibration_dir": calibration}
 
 

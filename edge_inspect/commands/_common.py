@@ -23,6 +23,16 @@ def show_progress(args) -> bool:
     return not getattr(args, "json", False) and not getattr(args, "no_progress", False) and sys.stderr.isatty() or getattr(args, "progress", False)
 
 
+def operator_name() -> str:
+    """Who made a change from the command line, for a calibration version's manifest."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no user name (a container without passwd entry)
+        return "cli"
+
+
 def add_dirs(parser) -> None:
     parser.add_argument("--calibration-dir", default="calibration", help="folder of calibrated products (default: ./calibration)")
     parser.add_argument("--engines-dir", default="engines", help="folder of ONNX graphs and TensorRT plans (default: ./engines)")

@@ -18,7 +18,9 @@ def add_parser(subparsers) -> None:
     add_threshold_options(p)
     p.add_argument("--bank-size", type=int, default=4096, help="max memory bank patches; more are thinned by the coreset (default 4096)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace an existing calibration of this product")
+    p.add_argument("--force", action="store_true",
+                   help="recalibrate an existing product: a new calibration version (the old one stays for `calibration rollback`)")
+    p.add_argument("--why", default="", help="note kept in the version's manifest (calibration history shows it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     p.set_defaults(func=run)
@@ -28,18 +30,21 @@ def run(args) -> int:
     from ..errors import UserError
     from ..imageio import list_images
     from ..scorer.calibrate import calibrate_product
-    from ._common import calibration_options, show_progress
+    from ._common import calibration_options, operator_name, show_progress
 
     images = list_images(args.images)
     if not images:
         raise UserError(f"{args.images} holds no images (.png .jpg .jpeg .bmp .tif .tiff .webp)")
     options = calibration_options(args)
-    product = calibrate_product(images, args.product, args.calibration_dir, args.engines_dir, options, force=args.force, progress=show_progress(args))
+    product = calibrate_product(images, args.product, args.calibration_dir, args.engines_dir, options, force=args.force,
+                                progress=show_progress(args), by=operator_name(), why=args.why)
     evidence = json.loads((product.directory / "threshold.json").read_text())["evidence"]
     summary = {
         "product": product.name,
         "calibration_id": product.calibration_id,
-        "directory": str(product.directory),
+        "directory": str(product.directory.parent.parent if product.version else product.directory),
+        "version": product.version,
+        "version_directory": str(product.directory),
         "scorer_onnx": str(product.scorer_onnx),
         "images": len(images),
         "threshold": round(product.threshold, 5),
@@ -58,6 +63,6 @@ def run(args) -> int:
         if summary["synthetic_detected"] is not None:
             print(f"  synthetic flaws  {100 * summary['synthetic_detected']:.0f}% flagged at this threshold")
         print(f"  memory bank      {summary['bank_patches']} patches")
-        print(f"  calibration      {product.directory}")
+        print(f"  calibration      {product.directory} (version {product.version})")
         print(f"  scorer graph     {product.scorer_onnx}")
     return 0

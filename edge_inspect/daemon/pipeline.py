@@ -292,6 +292,7 @@ class CameraPipeline:
             part_id=frame.part_id,
             latency_ms={k: round(v, 3) for k, v in latency.items()},
             calibration_id=product.calibration_id,
+            calibration_version=product.version,
             model_id=Path(product.scorer_onnx).stem,
             vlm_status="pending" if reserved else "skipped",
         )

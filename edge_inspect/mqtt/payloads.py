@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from .. import records
 
 # Major changes break subscribers (a field renamed or removed); minor ones only add optional fields.
-SCHEMA_VERSION = "1.1"  # 1.1: optional final_verdict / decided_by in result updates
+SCHEMA_VERSION = "1.2"  # 1.1: optional final_verdict / decided_by in result updates; 1.2: calibration_version, feedback
 SCHEMA_NAMES = ("result", "result_update", "stats", "trigger", "product_set", "ask", "answer")  # ask/answer: mqtt/ask.py
 
 STATUS_ONLINE = "online"
@@ -146,6 +146,7 @@ def result_payload(inspection: records.Inspection, seq: int, replayed: bool = Fa
         "latency_ms": {stage: round(_finite(f"latency_ms.{stage}", ms), 3) for stage, ms in inspection.latency_ms.items()},
         "model_id": inspection.model_id,
         "calibration_id": inspection.calibration_id,
+        "calibration_version": inspection.calibration_version,
         "vlm_status": inspection.vlm_status,
         "evidence_path": inspection.evidence_path,
         "replayed": bool(replayed),

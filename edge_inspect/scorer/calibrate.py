@@ -38,6 +38,18 @@ from .product import load_product
 from .scorer_graph import build_features_model, build_scorer_model, folded_from_model, save_model
 from .synth import synthetic_anomaly
 from .threshold import DEFAULT_FALSE_REJECT_RATE, automatic_threshold
+from .versions import (
+    DEFAULT_KEEP,
+    GOOD_DIR,
+    VERSIONS_DIR,
+    active_directory,
+    commit_version,
+    copy_version_files,
+    current_version,
+    product_dir,
+    product_lock,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,42 +274,63 @@ def load_good_images(paths: Sequence[Path], roi, size: tuple[int, int]) -> list[
     return images
 
 
-def calibrate_product(
-    image_paths: Sequence[str | Path],
-    product: str,
-    calibration_dir: str | Path = "calibration",
-    engines_dir: str | Path = "engines",
-    options: CalibrationOptions | None = None,
-    force: bool = False,
-    progress: bool = True,
-    threads: int = 0,
-    on_step: Callable[[str], None] | None = None,
-):
-    """Calibrate `product` from good images; returns the loaded scoring.ProductCalibration."""
+STORED_SIDE_FACTOR = 2  # good images are kept at most this many times the scorer's input side
 
-    options = options or CalibrationOptions()
-    params = options.params
-    validate_product_name(product)
-    paths = [Path(p) for p in image_paths]
-    if len(paths) < MIN_IMAGES:
-        raise CalibrationError(
-            f"{len(paths)} good image(s) given; calibration needs at least {MIN_IMAGES} "
-            f"(recommended {RECOMMENDED_IMAGES}-10 of different good parts)"
-        )
-    if len(paths) < RECOMMENDED_IMAGES:
-        log.warning("only %d good images: %d or more give a more reliable threshold", len(paths), RECOMMENDED_IMAGES)
-    out_dir = Path(calibration_dir) / product
-    if out_dir.exists() and not force:
-        raise CalibrationError(f"product {product!r} already exists in {out_dir}; use --force to recalibrate it")
+
+def stored_good_image(bgr: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
+    """The form a good image is fitted on and kept in (ROI-cropped already): at most twice the scorer's
+    input side, so a refit from the stored copy sees what calibration saw, at a fraction of the disk."""
+    limit = STORED_SIDE_FACTOR * max(input_size)
+    scale = limit / max(bgr.shape[:2])
+    if scale >= 1:
+        return bgr
+    return cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+
+@dataclass(frozen=True)
+class GoodImage:
+    """One image of a product's good set: a calibration shot, or a frame an operator overruled as ok."""
+
+    bgr: np.ndarray  # ROI-cropped, in its stored form
+    source: str  # the file it came from, or "inspection <id>"
+    added_by: str = "calibrate"  # "calibrate" | "feedback"
+    inspection_id: str | None = None
+
+
+@dataclass
+class Fitted:
+    """A calibration fitted in memory: what a version's files are written from."""
+
+    params: ScorerParams
+    bank: np.ndarray
+    from_patches: int
+    threshold: float
+    evidence: dict[str, Any]
+    embeddings: np.ndarray  # [N, E], L2-normalised: the good references' retrieval keys
+    seconds: float
+
+
+def fit_calibration(
+    images: Sequence[np.ndarray],
+    folded: dict[str, np.ndarray],
+    options: CalibrationOptions,
+    threads: int = 0,
+    progress: bool = True,
+    on_step: Callable[[str], None] | None = None,
+    desc: str = "calibrate",
+) -> Fitted:
+    """Memory bank (coreset of every good patch), leave-one-out and nuisance-view scores, synthetic
+    anomalies and the automatic threshold, for good images already ROI-cropped."""
     started = time.perf_counter()
-    images = load_good_images(paths, options.roi, params.input_size)
-    folded, backbone_sha = load_folded(engines_dir)
+    params = options.params
+    if len(images) < MIN_IMAGES:
+        raise CalibrationError(f"{len(images)} good image(s); calibration needs at least {MIN_IMAGES}")
     # Raw features (no scales, no projection): the scales are measured on them first.
     extractor = FeatureExtractor(folded, dataclasses.replace(params, layer_scales=(), projection_dim=0), threads)
     rng = np.random.default_rng(options.seed)
 
-    n_steps = len(images) * (2 + options.synthetic_per_image) + 3
-    bar = _progress(n_steps, f"calibrate {product}", progress)
+    n_steps = len(images) * (2 + options.synthetic_per_image) + 2
+    bar = _progress(n_steps, desc, progress)
     step = on_step or (lambda _msg: None)
     step("features")
     per_image: list[np.ndarray] = []  # patch features of each original image (and its augmentations)
@@ -341,7 +374,6 @@ def calibrate_product(
         bar.update(1)
 
     step("synthetic anomalies")
-
     # Synthetic anomalies in good image i, scored against the same leave-one-out bank as image i, so
     # their scores compare with the good parts' leave-one-out scores like for like.
     synthetic = []
@@ -357,83 +389,314 @@ def calibrate_product(
                 bar.update(1)
                 continue
             f, _ = extractor(anomalous)
-            f = transform(f)
-            synthetic.append(score_patches(f, others_of[i], params)[0])
+            synthetic.append(score_patches(transform(f), others_of[i], params)[0])
             bar.update(1)
     del others_of
 
     threshold, evidence = automatic_threshold(np.array(loo), np.array(synthetic), options.false_reject_rate, np.array(view_scores))
-    in_sample = [score_patches(f, bank, params)[0] for f in own]
-    evidence["calibration_scores"] = [round(float(s), 5) for s in in_sample]
+    evidence["calibration_scores"] = [round(float(score_patches(f, bank, params)[0]), 5) for f in own]
+    bar.update(1)
+    bar.close()
+    emb = np.stack(embeddings).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
+    return Fitted(params=params, bank=bank, from_patches=int(all_patches.shape[0]), threshold=float(threshold),
+                  evidence=evidence, embeddings=emb, seconds=time.perf_counter() - started)
 
-    step("export scorer graph")
-    bank_sha = hashlib.sha256(bank.tobytes()).hexdigest()
+
+def options_to_json(options: CalibrationOptions) -> dict[str, Any]:
+    """What a refit needs to repeat this calibration (params are stored apart, with their layer scales)."""
+    return {"bank_size": options.bank_size, "layer_scales": options.layer_scales, "synthetic_per_image": options.synthetic_per_image,
+            "false_reject_rate": options.false_reject_rate, "augment": list(options.augment), "seed": options.seed}
+
+
+def options_from_manifest(manifest: dict[str, Any]) -> CalibrationOptions:
+    stored = manifest.get("options") or {}
+    params = ScorerParams.from_json(manifest["params"])
+    layer_scales = bool(stored.get("layer_scales", bool(params.layer_scales)))
+    if layer_scales:
+        params = dataclasses.replace(params, layer_scales=())  # measured again on the new good set
+    return CalibrationOptions(
+        params=params,
+        roi=tuple(manifest["roi"]) if manifest.get("roi") else None,
+        augment=tuple(stored.get("augment", manifest.get("augment", ()))),
+        bank_size=int(stored.get("bank_size", 4096)),
+        layer_scales=layer_scales,
+        false_reject_rate=float(stored.get("false_reject_rate", manifest.get("false_reject_rate", DEFAULT_FALSE_REJECT_RATE))),
+        synthetic_per_image=int(stored.get("synthetic_per_image", 2)),
+        seed=int(stored.get("seed", manifest.get("seed", 0))),
+    )
+
+
+def _good_file(pdir: Path, bgr: np.ndarray) -> str:
+    """Store a good image once (content-addressed PNG, lossless) and return its path relative to pdir."""
+    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise CalibrationError(f"could not encode a good image of shape {bgr.shape} as PNG")
+    data = png.tobytes()
+    name = f"{GOOD_DIR}/{hashlib.sha256(data).hexdigest()[:20]}.png"
+    path = pdir / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return name
+
+
+def write_graphs(folded: dict[str, np.ndarray], product: str, params: ScorerParams, bank: np.ndarray,
+                 engines: Path) -> tuple[str, str]:
+    """The product's scorer and feature graphs for this bank, named by the bank's hash. They depend on the
+    bank and params only (no threshold inside), so versions that differ in threshold share one file."""
+    bank_sha = hashlib.sha256(np.ascontiguousarray(bank).tobytes()).hexdigest()
     engine_name = f"{product}-{bank_sha[:12]}.onnx"
-    engines = Path(engines_dir)
-    model = build_scorer_model(folded, params, bank, metadata={"product": product, "bank_sha256": bank_sha, "threshold": repr(threshold)})
+    features_name = f"{product}-{bank_sha[:12]}.features.onnx"
+    model = build_scorer_model(folded, params, bank, metadata={"product": product, "bank_sha256": bank_sha})
     save_model(model, engines / engine_name)
-
     for problem in check_tensorrt_compat(model):  # the same file must compile on a Jetson later
         log.warning("scorer graph may not compile with TensorRT 10: %s", problem)
-    features_name = f"{product}-{bank_sha[:12]}.features.onnx"
-    save_model(extractor.model, engines / features_name)
-    bar.update(1)
+    features = build_features_model(folded, dataclasses.replace(params, layer_scales=(), projection_dim=0))
+    save_model(features, engines / features_name)
+    return engine_name, features_name
 
-    step("write calibration")
-    tmp_dir = out_dir.with_name(f".{product}.tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    (tmp_dir / "references").mkdir(parents=True)
-    np.save(tmp_dir / "memory_bank.npy", bank)
-    names = []
-    for i, (bgr, p) in enumerate(zip(images, paths)):
+
+def write_version_files(
+    folder: Path,
+    product: str,
+    fitted: Fitted,
+    good: Sequence[GoodImage],
+    options: CalibrationOptions,
+    folded: dict[str, np.ndarray],
+    backbone_sha: str,
+    engines: Path,
+    pdir: Path,
+    images_meta: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A version's files (bank, threshold, references) in `folder`, its graphs in `engines`, its good images
+    in pdir/good/; returns its manifest."""
+    bank = fitted.bank
+    bank_sha = hashlib.sha256(bank.tobytes()).hexdigest()
+    engine_name, features_name = write_graphs(folded, product, fitted.params, bank, engines)
+    (folder / "references").mkdir(parents=True, exist_ok=True)
+    np.save(folder / "memory_bank.npy", bank)
+    names, good_set = [], []
+    for i, item in enumerate(good):
+        bgr = item.bgr
         scale = REFERENCE_SIZE / max(bgr.shape[:2])
         small = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else bgr
         name = f"{i:03d}.jpg"
-        cv2.imwrite(str(tmp_dir / "references" / name), small, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        names.append({"file": name, "source": p.name})
-    emb = np.stack(embeddings).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
-    np.save(tmp_dir / "references" / "embeddings.npy", emb)
-    (tmp_dir / "references" / "references.json").write_text(json.dumps(names, indent=1))
-    threshold_doc = {"threshold": threshold, "false_reject_rate": options.false_reject_rate, "evidence": evidence}
-    (tmp_dir / "threshold.json").write_text(json.dumps(threshold_doc, indent=1))
-    calibration_id = f"{product}@{bank_sha[:12]}"
-    manifest: dict[str, Any] = {
+        cv2.imwrite(str(folder / "references" / name), small, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        names.append({"file": name, "source": Path(item.source).name if item.added_by == "calibrate" else item.source})
+        entry = {"file": _good_file(pdir, bgr), "source": item.source, "added_by": item.added_by}
+        if item.inspection_id:
+            entry["inspection_id"] = item.inspection_id
+        good_set.append(entry)
+    np.save(folder / "references" / "embeddings.npy", fitted.embeddings)
+    (folder / "references" / "references.json").write_text(json.dumps(names, indent=1))
+    threshold_doc = {"threshold": fitted.threshold, "false_reject_rate": options.false_reject_rate, "evidence": fitted.evidence}
+    (folder / "threshold.json").write_text(json.dumps(threshold_doc, indent=1))
+    return {
         "manifest_version": MANIFEST_VERSION,
         "product": product,
-        "calibration_id": calibration_id,
+        "calibration_id": f"{product}@{bank_sha[:12]}",
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "edge_inspect_version": __version__,
         "versions": _versions(),
-        "params": params.to_json(),
-        "input_size": list(params.input_size),
+        "params": fitted.params.to_json(),
+        "options": options_to_json(options),
+        "input_size": list(fitted.params.input_size),
         "roi": list(options.roi) if options.roi else None,
         "augment": list(options.augment),
         "seed": options.seed,
-        "threshold": threshold,
+        "threshold": fitted.threshold,
         "false_reject_rate": options.false_reject_rate,
-        "bank": {"file": "memory_bank.npy", "patches": int(bank.shape[0]), "dim": int(bank.shape[1]), "from_patches": int(all_patches.shape[0]), "sha256": bank_sha},
+        "bank": {"file": "memory_bank.npy", "patches": int(bank.shape[0]), "dim": int(bank.shape[1]),
+                 "from_patches": fitted.from_patches, "sha256": bank_sha},
         "backbone": {"file": BACKBONE_FILE, "sha256": backbone_sha, "architecture": "efficientnet-lite0"},
         "scorer_onnx": {"file": engine_name, "sha256": _sha256(engines / engine_name)},
         "features_onnx": {"file": features_name, "sha256": _sha256(engines / features_name)},
-        "images": [{"source": str(p), "sha256": _sha256(p)} for p in paths],
-        "seconds": round(time.perf_counter() - started, 2),
+        "images": images_meta if images_meta is not None else [],
+        "good_set": good_set,
+        "seconds": round(fitted.seconds, 2),
     }
-    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    knowledge = out_dir / "knowledge.yaml"
-    if knowledge.is_file():  # the product's knowledge guide is written by people: keep it
-        shutil.copy2(knowledge, tmp_dir / "knowledge.yaml")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp_dir.replace(out_dir)
-    bar.update(1)
-    bar.close()
+
+
+def _warn_synthetic(evidence: dict[str, Any]) -> None:
     if evidence.get("synthetic_detected", 1.0) < 0.5:
         log.warning(
             "at the automatic threshold only %.0f%% of synthetic anomalies are flagged: add more good images, set "
             "an ROI, or raise --false-reject-rate", 100 * evidence["synthetic_detected"],
         )
+
+
+def calibrate_product(
+    image_paths: Sequence[str | Path],
+    product: str,
+    calibration_dir: str | Path = "calibration",
+    engines_dir: str | Path = "engines",
+    options: CalibrationOptions | None = None,
+    force: bool = False,
+    progress: bool = True,
+    threads: int = 0,
+    on_step: Callable[[str], None] | None = None,
+    by: str = "calibrate",
+    why: str = "",
+    keep: int = DEFAULT_KEEP,
+):
+    """Calibrate `product` from good images as a new version; returns the loaded scoring.ProductCalibration.
+
+    With --force on a product that has versions, the new calibration is one more version (its parent the
+    active one), so `calibration rollback` can undo a recalibration too."""
+
+    options = options or CalibrationOptions()
+    params = options.params
+    validate_product_name(product)
+    paths = [Path(p) for p in image_paths]
+    if len(paths) < MIN_IMAGES:
+        raise CalibrationError(
+            f"{len(paths)} good image(s) given; calibration needs at least {MIN_IMAGES} "
+            f"(recommended {RECOMMENDED_IMAGES}-10 of different good parts)"
+        )
+    if len(paths) < RECOMMENDED_IMAGES:
+        log.warning("only %d good images: %d or more give a more reliable threshold", len(paths), RECOMMENDED_IMAGES)
+    pdir = product_dir(calibration_dir, product)
+    if active_directory(calibration_dir, product) is not None and not force:
+        raise CalibrationError(f"product {product!r} already exists in {pdir}; use --force to recalibrate it")
+    images = [stored_good_image(b, params.input_size) for b in load_good_images(paths, options.roi, params.input_size)]
+    folded, backbone_sha = load_folded(engines_dir)
+    fitted = fit_calibration(images, folded, options, threads, progress, on_step, desc=f"calibrate {product}")
+    if on_step:
+        on_step("write calibration")
+    engines = Path(engines_dir)
+    good = [GoodImage(bgr, str(p)) for bgr, p in zip(images, paths)]
+    images_meta = [{"source": str(p), "sha256": _sha256(p)} for p in paths]
+    with product_lock(calibration_dir, product):
+        if current_version(calibration_dir, product) is None:
+            _retire_legacy(pdir)
+        commit_version(
+            calibration_dir, product,
+            lambda folder: write_version_files(folder, product, fitted, good, options, folded, backbone_sha, engines, pdir, images_meta),
+            {"change": "calibrate", "by": by, "why": why or f"calibrated from {len(paths)} good image(s)"},
+            keep=keep, engines_dir=engines,
+        )
+    _warn_synthetic(fitted.evidence)
     return load_product(calibration_dir, product, engines_dir)
+
+
+def _retire_legacy(pdir: Path) -> None:
+    """A product calibrated before versioning, recalibrated: its flat files go (knowledge.yaml stays)."""
+    for name in ("manifest.json", "threshold.json", "memory_bank.npy"):
+        (pdir / name).unlink(missing_ok=True)
+    shutil.rmtree(pdir / "references", ignore_errors=True)
+
+
+def load_good_set(calibration_dir: str | Path, product: str, manifest: dict[str, Any]) -> list[GoodImage]:
+    """The stored good images a version was fitted on."""
+    pdir = product_dir(calibration_dir, product)
+    entries = manifest.get("good_set")
+    if not entries:
+        raise CalibrationError(
+            f"product {product!r} was calibrated before good images were kept with the calibration, so it cannot "
+            f"be refitted: recalibrate once with `edge-inspect calibrate --product {product} --images DIR --force`"
+        )
+    out = []
+    for entry in entries:
+        path = pdir / entry["file"]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise CalibrationError(f"{path} (a good image of the active calibration) is missing or damaged: recalibrate "
+                                   f"with `edge-inspect calibrate --product {product} --images DIR --force`")
+        out.append(GoodImage(bgr, entry.get("source", entry["file"]), entry.get("added_by", "calibrate"), entry.get("inspection_id")))
+    return out
+
+
+def refit_product(
+    calibration_dir: str | Path,
+    product: str,
+    engines_dir: str | Path,
+    add: Sequence[GoodImage],
+    change: dict[str, Any],
+    keep: int = DEFAULT_KEEP,
+    threads: int = 0,
+    progress: bool = False,
+    max_good: int | None = None,
+) -> int:
+    """A new version fitted on the active version's good set plus `add` (frames operators accepted, already
+    ROI-cropped): their patches join the bank (coreset-bounded) and the threshold evidence is recomputed.
+    The caller holds `product_lock`. Returns the new version number.
+
+    max_good: the good set's size limit; beyond it the oldest accepted frames leave it (the shots stay)."""
+    number = current_version(calibration_dir, product)
+    if number is None:
+        raise CalibrationError(
+            f"product {product!r} has no versioned calibration (calibrated before versioning, or not at all): "
+            f"recalibrate with `edge-inspect calibrate --product {product} --images DIR --force`"
+        )
+    manifest = read_manifest(calibration_dir, product, number)
+    options = options_from_manifest(manifest)
+    good = load_good_set(calibration_dir, product, manifest)
+    good += [GoodImage(stored_good_image(g.bgr, options.params.input_size), g.source, g.added_by, g.inspection_id) for g in add]
+    if max_good is not None and len(good) > max_good:
+        shots = [g for g in good if g.added_by == "calibrate"]
+        accepted = [g for g in good if g.added_by != "calibrate"]
+        good = shots + accepted[max(0, len(accepted) - max(0, max_good - len(shots))):]
+    folded, backbone_sha = load_folded(engines_dir)
+    fitted = fit_calibration([g.bgr for g in good], folded, options, threads, progress, desc=f"refit {product}")
+    pdir = product_dir(calibration_dir, product)
+    return commit_version(
+        calibration_dir, product,
+        lambda folder: write_version_files(folder, product, fitted, good, options, folded, backbone_sha, Path(engines_dir),
+                                           pdir, manifest.get("images")),
+        change, keep=keep, engines_dir=engines_dir,
+    )
+
+
+def rollback_product(
+    calibration_dir: str | Path,
+    product: str,
+    engines_dir: str | Path,
+    to: int | None = None,
+    by: str = "unknown",
+    why: str = "",
+    keep: int = DEFAULT_KEEP,
+) -> int:
+    """A new version whose bank, threshold and references are bit-for-bit copies of version `to` (default:
+    the active version's parent). Its scorer graph is rebuilt from the bank when it was deleted."""
+    with product_lock(calibration_dir, product):
+        active = current_version(calibration_dir, product)
+        if active is None:
+            raise UserError(f"product {product!r} has no versioned calibration to roll back")
+        if to is None:
+            parent = read_manifest(calibration_dir, product, active).get("version", {}).get("parent")
+            if parent is None:
+                raise UserError(f"version {active} of product {product!r} has no parent: nothing to roll back to")
+            to = int(parent)
+        if to == active:
+            raise UserError(f"version {to} of product {product!r} is already the active one")
+        source = product_dir(calibration_dir, product) / VERSIONS_DIR / str(to)
+        old = read_manifest(calibration_dir, product, to)  # a clear error when it was pruned
+        _ensure_graphs(old, product, source, Path(engines_dir))
+        return commit_version(
+            calibration_dir, product, lambda folder: copy_version_files(source, folder),
+            {"change": "rollback", "by": by, "why": why or f"rolled back to version {to}", "restored_from": to},
+            keep=keep, engines_dir=engines_dir,
+        )
+
+
+def _ensure_graphs(manifest: dict[str, Any], product: str, folder: Path, engines: Path) -> None:
+    """The graphs a version names, rebuilt from its bank when missing (they are pruned with old versions)."""
+    scorer_file = engines / manifest["scorer_onnx"]["file"]
+    features_file = engines / manifest["features_onnx"]["file"]
+    if scorer_file.is_file() and features_file.is_file():
+        return
+    folded, backbone_sha = load_folded(engines)
+    if backbone_sha != manifest.get("backbone", {}).get("sha256"):
+        raise CalibrationError(f"the graphs of that version are gone and the backbone in {engines} is not the one it was "
+                               "calibrated with, so they cannot be rebuilt: recalibrate instead")
+    bank = np.load(folder / "memory_bank.npy", allow_pickle=False)
+    write_graphs(folded, product, ScorerParams.from_json(manifest["params"]), bank, engines)
+    for key, path in (("scorer_onnx", scorer_file), ("features_onnx", features_file)):
+        if not path.is_file() or _sha256(path) != manifest[key].get("sha256"):
+            raise CalibrationError(f"rebuilt {path} does not match the sha256 version's manifest records: recalibrate instead")
 
 
 def _versions() -> dict[str, str]:

@@ -24,6 +24,7 @@ from ..imageio import crop_roi, read_bgr, to_input
 from ..records import ScoreResult
 from .backends import ScorerBackend, create_backend
 from .params import ScorerParams
+from .versions import VERSIONS_DIR, calibrated_products, current_version
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ProductCalibration:
     calibration_id: str
     params: ScorerParams
     manifest: dict[str, Any]
+    version: int | None = None  # the calibration version (scorer/versions.py); None: calibrated before versioning
 
     @property
     def bank_sha256(self) -> str:
@@ -118,10 +120,13 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
 
     verify: also check the sha256 the manifest records for the memory bank and both graphs.
     """
+    version = current_version(calibration_dir, product)  # read once: a feedback worker may commit meanwhile
     directory = Path(calibration_dir) / product
+    if version is not None:
+        directory = directory / VERSIONS_DIR / str(version)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
-        known = sorted(p.name for p in Path(calibration_dir).glob("*/manifest.json") for p in [p.parent]) if Path(calibration_dir).is_dir() else []
+        known = calibrated_products(calibration_dir)
         hint = f" (calibrated products: {', '.join(known)})" if known else ""
         raise CalibrationError(
             f"product {product!r} is not calibrated in {calibration_dir}{hint}: run "
@@ -183,6 +188,7 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
         calibration_id=calibration_id,
         params=params,
         manifest=manifest,
+        version=version,
     )
 
 
