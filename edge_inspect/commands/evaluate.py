@@ -32,6 +32,13 @@ def add_parser(subparsers) -> None:
         "--no-reference", action="store_true",
         help="skip the plain PatchCore floor (by default it is fitted on the same shots and scored on the same images)",
     )
+    p.add_argument(
+        "--feedback", type=int, default=0, metavar="K",
+        help="then simulate an operator who overrules the first K false rejects of the (shuffled) test stream, each a "
+        "refit as on the line; reports false-reject and miss rates before and after on the parts not overruled",
+    )
+    p.add_argument("--feedback-evidence", choices=["all", "shots"], default="all",
+                   help="refit policy: accepted frames give threshold evidence too (all, the default) or only join the bank (shots)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", action="store_true")
     p.set_defaults(func=run)
@@ -49,7 +56,10 @@ def run(args) -> int:
     common = dict(
         options=options, engines_dir=args.engines_dir, backend=args.backend, threads=args.threads,
         progress=show_progress(args), max_test=args.max_test, reference=not args.no_reference,
+        feedback=args.feedback, feedback_evidence=args.feedback_evidence,
     )
+    if args.feedback < 0:
+        raise UserError("--feedback K: K is the number of false rejects the operator overrules (0 = none)")
     if len(roots) > 1:
         result = evaluate_many(roots, args.shots, args.shot_sets, **common)
         if args.json:

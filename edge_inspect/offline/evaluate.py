@@ -19,8 +19,17 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..imageio import crop_roi, read_bgr
 from ..localize import find_regions, grid_cells_touched
-from ..scorer.calibrate import CalibrationOptions, calibrate_product, ensure_backbone, load_folded
-from ..scorer.product import Scorer
+from ..scorer.calibrate import (
+    REFIT_EVIDENCE,
+    CalibrationOptions,
+    GoodImage,
+    calibrate_product,
+    ensure_backbone,
+    load_folded,
+    refit_product,
+)
+from ..scorer.product import Scorer, load_product
+from ..scorer.versions import product_lock
 from .metrics import auroc, best_f1, binary_counts, f1_score
 from .mvtec import load_dataset, read_mask
 from .plain_patchcore import PlainPatchCore
@@ -47,11 +56,17 @@ def evaluate_dataset(
     work_dir: str | Path | None = None,
     shot_set: int = 0,
     reference: bool = True,
+    feedback: int = 0,
+    feedback_evidence: str = REFIT_EVIDENCE,
 ) -> dict[str, Any]:
     """Calibrate on shot set `shot_set` (train/good images shot_set*N .. shot_set*N+N-1, in name order)
     and score every other train/good image plus test/*. With `reference`, the plain PatchCore floor
     (offline/plain_patchcore.py) is fitted on the same shots and scores the same images, so the result
-    carries its AUROCs beside the scorer's (`reference`)."""
+    carries its AUROCs beside the scorer's (`reference`).
+
+    feedback K: then an operator overrules the first K false rejects of the test stream (shuffled with
+    the shot set as seed), each a refit as on the line (scorer/calibrate.refit_product); the result's
+    `feedback` block has false-reject and miss rates before and after on the parts not overruled."""
 
 
     dataset = load_dataset(root)
@@ -114,6 +129,12 @@ def evaluate_dataset(
                     localised.append(bool(cells & grid_cells_touched(mask)))
         scorer.close()
         evidence = json.loads((product.directory / "threshold.json").read_text())["evidence"]
+        feedback_result = None
+        if feedback:
+            feedback_result = simulate_feedback(
+                calib_dir, engines, "eval", items, scores, product.threshold, feedback, seed=shot_set,
+                backend=backend, threads=threads, evidence_from=feedback_evidence, progress=progress,
+            )
     labels_a, scores_a = np.array(labels), np.array(scores)
     threshold = product.threshold
     predicted = scores_a >= threshold
@@ -157,6 +178,8 @@ def evaluate_dataset(
         "defect_score_median": round(float(np.median(scores_a[labels_a])), 5) if n_defect else None,
         "threshold_evidence": evidence,
     }
+    if feedback_result is not None:
+        result["feedback"] = feedback_result
     if plain is not None:
         result["reference"] = {
             "name": "plain PatchCore (Lite0 block4+block10, full bank, max, sigma 4)",
@@ -164,6 +187,95 @@ def evaluate_dataset(
             "pixel_auroc": _pixel_auroc(pixel_labels, ref_pixel_scores),
         }
     return result
+
+
+def _rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = scores >= threshold
+    good, bad = ~labels, labels
+    return {
+        "false_reject_rate": round(float(predicted[good].mean()) if good.any() else 0.0, 4),
+        "miss_rate": round(float((~predicted[bad]).mean()) if bad.any() else 0.0, 4),
+        "false_rejects": int(predicted[good].sum()),
+        "misses": int((~predicted[bad]).sum()),
+        "threshold": round(float(threshold), 5),
+    }
+
+
+def simulate_feedback(
+    calib_dir: Path,
+    engines: Path,
+    product_name: str,
+    items: list[tuple[Path, str, Any]],
+    scores_before: list[float],
+    threshold_before: float,
+    k: int,
+    seed: int = 0,
+    backend: str = "onnxruntime",
+    threads: int = 0,
+    evidence_from: str = REFIT_EVIDENCE,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """An operator on the line: the stream is `items` in a seeded order; each false reject (a good part
+    flagged) is overruled as ok, up to k, each one a refit and a scorer swap as in the daemon. Before and
+    after are measured on the same parts: every item except the overruled ones (they are in the bank)."""
+    order = np.random.default_rng(1000 + seed).permutation(len(items))
+    product = load_product(calib_dir, product_name, engines)
+    scorer = Scorer(product, backend=backend, threads=threads)
+    overruled: list[int] = []
+    refit_s: list[float] = []
+    try:
+        for index in tqdm(order, desc="feedback stream", disable=not progress, leave=False, dynamic_ncols=True):
+            if len(overruled) >= k:
+                break
+            path, defect_type, _item = items[index]
+            if defect_type != "good":
+                continue
+            bgr = read_bgr(path)
+            if scorer.score(bgr).score < scorer.product.threshold:
+                continue
+            started = time.perf_counter()
+            with product_lock(calib_dir, product_name):
+                refit_product(
+                    calib_dir, product_name, engines,
+                    add=[GoodImage(crop_roi(bgr, scorer.product.roi), str(path), "feedback", f"eval-{index}")],
+                    change={"change": "feedback_ok", "by": "evaluate --feedback", "why": f"false reject {path.name}"},
+                    threads=threads, evidence_from=evidence_from, keep=k + 2,
+                )
+            scorer.close()
+            scorer = Scorer(load_product(calib_dir, product_name, engines), backend=backend, threads=threads)
+            refit_s.append(time.perf_counter() - started)
+            overruled.append(int(index))
+        kept = [i for i in range(len(items)) if i not in set(overruled)]
+        labels = np.array([items[i][1] != "good" for i in kept])
+        before = np.array([scores_before[i] for i in kept])
+        after = np.array([scorer.score(read_bgr(items[i][0])).score for i in kept]) if overruled else before
+        threshold_after = scorer.product.threshold
+    finally:
+        scorer.close()
+    return {
+        "k": k,
+        "overruled": len(overruled),
+        "overruled_images": [items[i][0].name for i in overruled],
+        "evidence_from": evidence_from,
+        "parts": len(kept),
+        "before": _rates(labels, before, threshold_before),
+        "after": _rates(labels, after, threshold_after),
+        "refit_s_mean": round(float(np.mean(refit_s)), 2) if refit_s else None,
+    }
+
+
+def merge_feedback(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Feedback results of several runs (or sets) together: counts summed, rates the mean of the runs' rates."""
+    out: dict[str, Any] = {"k": blocks[0]["k"], "evidence_from": blocks[0]["evidence_from"], "runs": len(blocks),
+                           "overruled": sum(b["overruled"] for b in blocks)}
+    for when in ("before", "after"):
+        fr = sum(b[when]["false_rejects"] for b in blocks)
+        misses = sum(b[when]["misses"] for b in blocks)
+        out[when] = {"false_rejects": fr, "misses": misses,
+                     # mean of the runs' rates (each run: the same parts before and after)
+                     "false_reject_rate": round(float(np.mean([b[when]["false_reject_rate"] for b in blocks])), 4),
+                     "miss_rate": round(float(np.mean([b[when]["miss_rate"] for b in blocks])), 4)}
+    return out
 
 
 def _pixel_auroc(labels: list[np.ndarray], scores: list[np.ndarray]) -> float | None:
@@ -204,6 +316,8 @@ def evaluate_shot_sets(root: str | Path, shots: int, sets: int, **kwargs) -> dic
         for key in REFERENCE_KEYS:
             values = [r["reference"][key] for r in runs if r["reference"][key] is not None]
             summary["reference"][key] = round(float(np.mean(values)), 5) if values else None
+    if all("feedback" in r for r in runs):
+        summary["feedback"] = merge_feedback([r["feedback"] for r in runs])
     summary["p50_ms"] = max(r["p50_ms"] for r in runs)
     summary["p99_ms"] = max(r["p99_ms"] for r in runs)
     summary["n_good"] = runs[0]["n_good"]
@@ -252,4 +366,6 @@ def evaluate_many(roots: list[Path], shots: int, sets: int, **kwargs) -> dict[st
             values = [r["reference"][key] for r in results if r["reference"][key] is not None]
             mean["reference"][key] = round(float(np.mean(values)), 4) if values else None
         mean["sets_at_or_above_reference"] = sum(r["image_auroc"] >= r["reference"]["image_auroc"] for r in results)
+    if all("feedback" in r for r in results):
+        mean["feedback"] = merge_feedback([r["feedback"] for r in results])
     return {"shots": shots, "shot_sets": sets, "datasets": results, "mean": mean}

@@ -274,6 +274,8 @@ def load_good_images(paths: Sequence[Path], roi, size: tuple[int, int]) -> list[
     return images
 
 
+REFIT_EVIDENCE_CHOICES = ("all", "shots")
+REFIT_EVIDENCE = "all"
 STORED_SIDE_FACTOR = 2  # good images are kept at most this many times the scorer's input side
 
 
@@ -318,9 +320,13 @@ def fit_calibration(
     progress: bool = True,
     on_step: Callable[[str], None] | None = None,
     desc: str = "calibrate",
+    evidence_images: int | None = None,
 ) -> Fitted:
     """Memory bank (coreset of every good patch), leave-one-out and nuisance-view scores, synthetic
-    anomalies and the automatic threshold, for good images already ROI-cropped."""
+    anomalies and the automatic threshold, for good images already ROI-cropped.
+
+    evidence_images: only the first N images give threshold evidence (leave-one-out, views, synthetic
+    anomalies); the rest only join the bank. None: all of them."""
     started = time.perf_counter()
     params = options.params
     if len(images) < MIN_IMAGES:
@@ -329,7 +335,8 @@ def fit_calibration(
     extractor = FeatureExtractor(folded, dataclasses.replace(params, layer_scales=(), projection_dim=0), threads)
     rng = np.random.default_rng(options.seed)
 
-    n_steps = len(images) * (2 + options.synthetic_per_image) + 2
+    n_evidence = len(images) if evidence_images is None else max(MIN_IMAGES, min(len(images), evidence_images))
+    n_steps = len(images) + n_evidence * (1 + options.synthetic_per_image) + 2
     bar = _progress(n_steps, desc, progress)
     step = on_step or (lambda _msg: None)
     step("features")
@@ -363,10 +370,10 @@ def fit_calibration(
 
     step("leave-one-out")
     # Each good image against a bank of the *other* good images: how a new good part will score.
-    others_of = [np.concatenate([p for j, p in enumerate(per_image) if j != i]) for i in range(len(per_image))]
+    others_of = [np.concatenate([p for j, p in enumerate(per_image) if j != i]) for i in range(n_evidence)]
     loo, view_scores = [], []
-    views_per_image = max(1, min(len(NUISANCE), round(NUISANCE_SAMPLES / len(images))))
-    for i, f in enumerate(own):
+    views_per_image = max(1, min(len(NUISANCE), round(NUISANCE_SAMPLES / n_evidence)))
+    for i, f in enumerate(own[:n_evidence]):
         views = [transform(extractor(v)[0]) for v in nuisance_views(images[i], i, views_per_image)]
         scores = score_many([f, *views], others_of[i], params)  # one pass over the bank for all of them
         loo.append(scores[0])
@@ -379,7 +386,7 @@ def fit_calibration(
     synthetic = []
     size_wh = (params.input_size[1], params.input_size[0])
     resized = [cv2.resize(b, size_wh, interpolation=cv2.INTER_AREA) for b in images]
-    for i, base in enumerate(resized):
+    for i, base in enumerate(resized[:n_evidence]):
         donors = [b for j, b in enumerate(resized) if j != i][:3]
         for _ in range(options.synthetic_per_image):
             try:
@@ -619,12 +626,17 @@ def refit_product(
     threads: int = 0,
     progress: bool = False,
     max_good: int | None = None,
+    evidence_from: str = REFIT_EVIDENCE,
 ) -> int:
     """A new version fitted on the active version's good set plus `add` (frames operators accepted, already
     ROI-cropped): their patches join the bank (coreset-bounded) and the threshold evidence is recomputed.
     The caller holds `product_lock`. Returns the new version number.
 
-    max_good: the good set's size limit; beyond it the oldest accepted frames leave it (the shots stay)."""
+    max_good: the good set's size limit; beyond it the oldest accepted frames leave it (the shots stay).
+    evidence_from: "all" = every good image gives threshold evidence (leave-one-out), "shots" = only the
+    calibration shots do and accepted frames only join the bank (docs/calibration.md compares them)."""
+    if evidence_from not in REFIT_EVIDENCE_CHOICES:
+        raise UserError(f"evidence_from must be one of {REFIT_EVIDENCE_CHOICES}, got {evidence_from!r}")
     number = current_version(calibration_dir, product)
     if number is None:
         raise CalibrationError(
@@ -640,7 +652,9 @@ def refit_product(
         accepted = [g for g in good if g.added_by != "calibrate"]
         good = shots + accepted[max(0, len(accepted) - max(0, max_good - len(shots))):]
     folded, backbone_sha = load_folded(engines_dir)
-    fitted = fit_calibration([g.bgr for g in good], folded, options, threads, progress, desc=f"refit {product}")
+    n_shots = sum(g.added_by == "calibrate" for g in good)
+    fitted = fit_calibration([g.bgr for g in good], folded, options, threads, progress, desc=f"refit {product}",
+                             evidence_images=n_shots if evidence_from == "shots" else None)
     pdir = product_dir(calibration_dir, product)
     return commit_version(
         calibration_dir, product,
