@@ -81,6 +81,65 @@ def evidence_files(root: str | Path, evidence_path: str) -> dict[str, Path]:
     }
 
 
+class EvidenceMissing(LookupError):
+    """An inspection the evidence folder does not (or no longer) hold; `what` is "entry" (no JSON: an unknown
+    id, an OK result, or deleted by retention) or "frame" (the JSON is there, the frame is gone or unreadable)."""
+
+    def __init__(self, what: str, message: str):
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass(frozen=True)
+class StoredEvidence:
+    """One inspection read back from the evidence folder: its JSON (the result payload + "evidence" block +
+    merged VLM update) and the frame as captured."""
+
+    inspection_id: str
+    json_path: Path
+    body: dict[str, Any]
+    frame_bgr: np.ndarray
+
+
+def find_evidence_json(root: str | Path, inspection_id: str) -> Path | None:
+    """The JSON of an inspection in the evidence folder (<root>/<YYYYMMDD>/<id>.json), newest day first."""
+    if not is_inspection_id(inspection_id):
+        return None
+    try:
+        days = sorted((e.name for e in os.scandir(root) if e.is_dir() and _DAY_RE.match(e.name)), reverse=True)
+    except OSError:
+        return None
+    for day in days:
+        path = Path(root) / day / f"{inspection_id}{JSON_SUFFIX}"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_evidence(root: str | Path, inspection_id: str) -> StoredEvidence:
+    """Read an inspection's evidence back by id (follow-up questions, operator feedback); EvidenceMissing
+    when it is not kept."""
+    path = find_evidence_json(root, inspection_id)
+    if path is None:
+        raise EvidenceMissing(
+            "entry",
+            f"inspection {inspection_id!r} has no evidence in {root} (unknown id, an OK result, or deleted by the "
+            "evidence retention: evidence.max_count / max_mb / max_age_days)",
+        )
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EvidenceMissing("entry", f"evidence of {inspection_id} cannot be read ({exc})") from None
+    if not isinstance(body, dict):
+        raise EvidenceMissing("entry", f"evidence of {inspection_id} is damaged ({path} is not a JSON object)")
+    frame_name = (body.get("evidence") or {}).get("frame") or f"{inspection_id}{FRAME_SUFFIX}"
+    frame = cv2.imread(str(path.with_name(Path(str(frame_name)).name)), cv2.IMREAD_COLOR)
+    if frame is None:
+        raise EvidenceMissing("frame", f"the frame of inspection {inspection_id} is missing from {path.parent} "
+                                       "(deleted, or the disk was full when it was saved)")
+    return StoredEvidence(inspection_id, path, body, frame)
+
+
 def encode_map_png(anomaly_map: np.ndarray) -> tuple[bytes, tuple[float, float]]:
     """An anomaly map as 8-bit PNG bytes plus the (lo, hi) range that maps 0..255 back to scores.
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
+import cv2
+import numpy as np
 import pytest
 
 from edge_inspect import cli
@@ -137,3 +140,38 @@ def test_evaluate_refuses_a_folder_without_sets(tmp_path, engines_dir, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["evaluate", str(tmp_path / "empty"), "--engines-dir", str(engines_dir)]) == 2
     assert "neither an MVTec-layout set" in capsys.readouterr().err
+
+
+def test_feedback_simulation_overrules_false_rejects_and_reports_before_and_after(dataset, engines_dir, tmp_path, capsys):
+    """--feedback K: the first K false rejects of the stream are overruled (refits); before and after are
+    measured on the same parts, the overruled ones left out."""
+    shifted = tmp_path / "shifted"
+    shutil.copytree(dataset, shifted)
+    for path in sorted((shifted / "test" / "good").iterdir()):  # another batch: good parts, darker and shifted
+        image = cv2.imread(str(path))
+        image = np.roll((image * 0.6).astype(np.uint8), 9, axis=1)
+        cv2.imwrite(str(path), image)
+    args = ["evaluate", str(shifted), "--shots", "3", "--engines-dir", str(engines_dir), "--size", "64", "--bank-size", "64",
+            "--no-reference", "--json"]
+    assert cli.main([*args, "--feedback", "2"]) == 0
+    result = _strict_json(capsys.readouterr().out.strip())
+    fb = result["feedback"]
+    n_parts = result["n_good"] + result["n_defect"]
+    false_rejects = result["counts"]["fp"]
+    assert false_rejects >= 2, "the test needs false rejects: the darker good parts"
+    # after the first overruled dark part the refit bank knows the batch: fewer (or no) more to overrule
+    n = fb["overruled"]
+    assert fb["k"] == 2 and n in (1, 2) and len(fb["overruled_images"]) == n
+    assert fb["parts"] == n_parts - n and fb["evidence_from"] == "shots"
+    # before: the first calibration's verdicts on the parts that were not overruled (the overruled ones were
+    # false rejects of the calibration active when they came by: the first, or a refit of it)
+    assert false_rejects - n <= fb["before"]["false_rejects"] <= false_rejects
+    assert fb["after"]["false_rejects"] < fb["before"]["false_rejects"]
+    assert fb["before"]["misses"] == result["counts"]["fn"]
+    assert fb["before"]["threshold"] == pytest.approx(result["threshold"], abs=1e-4)
+    for when in ("before", "after"):
+        assert 0.0 <= fb[when]["false_reject_rate"] <= 1.0 and 0.0 <= fb[when]["miss_rate"] <= 1.0
+    assert fb["refit_s_mean"] > 0
+
+    assert cli.main([*args, "--feedback", "-1"]) == 2
+    assert "--feedback K" in capsys.readouterr().err

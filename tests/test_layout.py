@@ -18,16 +18,17 @@ import edge_inspect
 
 EXPECTED = """
 cli errors records imageio localize evidence
-config config.base config.capture config.evidence config.mqtt config.scoring config.vlm
+config config.base config.capture config.evidence config.mqtt config.scoring config.vlm config.feedback config.threshold
 capture capture.sources capture.reader capture.triggers capture.geometry
 scorer scorer.backbone scorer.params scorer.memory_bank scorer.scorer_graph scorer.threshold
-scorer.calibrate scorer.synth scorer.product
+scorer.calibrate scorer.synth scorer.product scorer.versions
 scorer.backends scorer.backends.ort_backend scorer.backends.trt_backend scorer.backends.trt_plan_cache
 scorer.backends.trt_compat scorer.backends.trt_build
 vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.worker vlm.stage vlm.followup vlm.ask
-mqtt mqtt.client mqtt.dispatch mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.listen
+mqtt mqtt.client mqtt.dispatch mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.feedback mqtt.listen
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
-daemon.sdnotify
+daemon.sdnotify daemon.drift
+feedback feedback.ledger feedback.defects feedback.apply feedback.service feedback.command
 offline offline.evaluate offline.mvtec offline.metrics offline.bench offline.bench_vlm
 ops ops.doctor ops.report ops.report.load ops.report.summary ops.report.plot ops.report.html
 ops.demo ops.demo.data ops.demo.stream ops.demo.run ops.demo_broker
@@ -95,4 +96,5 @@ def test_schemas_ship_inside_the_mqtt_package():
 
     schemas = resources.files("edge_inspect.mqtt").joinpath("schemas")
     assert sorted(p.name for p in schemas.iterdir() if p.name.endswith(".json")) == [
-        "answer.json", "ask.json", "product_set.json", "result.json", "result_update.json", "stats.json", "trigger.json"]
+        "answer.json", "ask.json", "feedback.json", "feedback_result.json", "product_set.json", "result.json",
+        "result_update.json", "stats.json", "trigger.json"]

@@ -73,7 +73,7 @@ def test_a_refit_adds_the_frame_to_the_bank_and_records_who_and_why(product, bri
     assert [g["added_by"] for g in manifest["good_set"]] == ["calibrate"] * 4 + ["feedback"]
     assert manifest["good_set"][-1]["inspection_id"] == "insp-1"
     evidence = json.loads((after.directory / "threshold.json").read_text())["evidence"]
-    assert len(evidence["loo_scores"]) == 5  # the accepted frame gives threshold evidence too (evidence_from="all")
+    assert len(evidence["loo_scores"]) == 4  # the default refit: only the shots give threshold evidence
     scorer = Scorer(after, backend="onnxruntime", threads=1)
     try:
         assert scorer.score(odd).score < odd_before  # its patches are in the bank now

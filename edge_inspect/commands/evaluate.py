@@ -37,8 +37,9 @@ def add_parser(subparsers) -> None:
         help="then simulate an operator who overrules the first K false rejects of the (shuffled) test stream, each a "
         "refit as on the line; reports false-reject and miss rates before and after on the parts not overruled",
     )
-    p.add_argument("--feedback-evidence", choices=["all", "shots"], default="all",
-                   help="refit policy: accepted frames give threshold evidence too (all, the default) or only join the bank (shots)")
+    p.add_argument("--feedback-evidence", choices=["all", "shots", "novel"], default=None,
+                   help="refit policy (default: the daemon's): accepted frames give threshold evidence too (all), only join "
+                   "the bank (shots), or only their novel patches join it (novel)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", action="store_true")
     p.set_defaults(func=run)
@@ -47,6 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..errors import UserError
     from ..offline.evaluate import dataset_roots, evaluate_many, evaluate_shot_sets
+    from ..scorer.calibrate import REFIT_EVIDENCE
     from ._common import calibration_options, show_progress
 
     if args.shots < 1:
@@ -56,7 +58,7 @@ def run(args) -> int:
     common = dict(
         options=options, engines_dir=args.engines_dir, backend=args.backend, threads=args.threads,
         progress=show_progress(args), max_test=args.max_test, reference=not args.no_reference,
-        feedback=args.feedback, feedback_evidence=args.feedback_evidence,
+        feedback=args.feedback, feedback_evidence=args.feedback_evidence or REFIT_EVIDENCE,
     )
     if args.feedback < 0:
         raise UserError("--feedback K: K is the number of false rejects the operator overrules (0 = none)")

@@ -36,8 +36,10 @@ from .capture import (
     V4l2SourceConfig,
 )
 from .evidence import EvidenceConfig
+from .feedback import FeedbackConfig
 from .mqtt import MqttConfig, SpoolConfig
 from .scoring import ScoringConfig
+from .threshold import ThresholdConfig
 from .vlm import VlmConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ __all__ = [
     "CameraConfig",
     "ConfigProblem",
     "EvidenceConfig",
+    "FeedbackConfig",
     "GStreamerSourceConfig",
     "MqttConfig",
     "PipelineConfig",
@@ -55,6 +58,7 @@ __all__ = [
     "RoiConfig",
     "ScoringConfig",
     "SpoolConfig",
+    "ThresholdConfig",
     "TriggerConfig",
     "UrlSourceConfig",
     "V4l2SourceConfig",
@@ -87,6 +91,15 @@ class AppConfig(Section):
     vlm: VlmConfig = Field(
         default_factory=VlmConfig,
         description="The vision-language model that explains flagged frames; off by default.",
+    )
+    threshold: ThresholdConfig = Field(
+        default_factory=ThresholdConfig,
+        description="The live stream as evidence: per product a drift alarm on the OK scores, and the optional "
+        "`adapt` that lets the threshold follow them within calibrated bounds.",
+    )
+    feedback: FeedbackConfig = Field(
+        default_factory=FeedbackConfig,
+        description="Operator feedback (ok / ng for an inspection): refits on overruled false rejects, labelled defects.",
     )
 
     @model_validator(mode="before")

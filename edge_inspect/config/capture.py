@@ -195,6 +195,17 @@ class CameraConfig(Section):
             raise ValueError(f"resize must be [width, height] with each between 8 and 16384, got {list(value)}")
         return value
 
+    @property
+    def roi_box(self) -> tuple[int, int, int, int] | None:
+        """The crop as capture.geometry takes it, (x, y, width, height); the pipeline and feedback (which must
+        crop a stored frame exactly as the scorer saw it) both read it here."""
+        return (self.roi.x, self.roi.y, self.roi.width, self.roi.height) if self.roi else None
+
+    @property
+    def resize_to(self) -> tuple[int, int] | None:
+        """(width, height) for capture.geometry.camera_view, or None."""
+        return tuple(self.resize) if self.resize else None  # type: ignore[return-value]
+
 
 class PipelineConfig(Section):
     score_queue_size: int = Field(

@@ -7,7 +7,9 @@ Every inspection the evidence store keeps (every NG) is queued for its backgroun
 result is published, so the result carries its `evidence_path`. Flagged inspections are offered to
 an optional `FlaggedSink` through a bounded queue: when it is full the result says vlm_status
 "skipped" and the miss is counted; the scorer never waits for it. With `vlm.enabled` the sink is a
-`vlm.VlmStage`, whose verdicts are published as result updates and merged into the evidence. The main thread handles signals (SIGTERM/SIGINT drain and exit, SIGHUP
+`vlm.VlmStage`, whose verdicts are published as result updates and merged into the evidence. Operator
+feedback (`feedback/`) is applied on its own low-priority thread; a new calibration version it writes is
+swapped into the pipelines scoring that product (`reload_product`). The main thread handles signals (SIGTERM/SIGINT drain and exit, SIGHUP
 reloads config and calibrations keeping the MQTT session), feeds the systemd watchdog only while
 every pipeline thread makes progress, and publishes stats and STATUS=.
 
@@ -27,9 +29,12 @@ from pathlib import Path
 from ..capture.reader import Capture
 from ..config import AppConfig
 from ..evidence import EvidenceStore
+from ..feedback.apply import error_body as feedback_error
+from ..feedback.service import daemon_feedback_service
 from ..mqtt.publisher import ResultPublisher
 from ..vlm import VlmStage
 from ..vlm.ask import daemon_ask_service, error_body
+from .drift import DriftMonitor, keep_versions
 from .flagged_queue import FlaggedQueue, FlaggedSink
 from .health import HealthMixin
 from .pipeline import CameraPipeline
@@ -65,6 +70,8 @@ class Daemon(ReloadMixin, HealthMixin):
         self.flagged: FlaggedQueue | None = None
         self.vlm_stage = None  # vlm.VlmStage when vlm.enabled
         self.ask = None  # vlm.ask.AskService: follow-up questions on .../ask
+        self.feedback = None  # feedback.service.FeedbackService: operator feedback on .../feedback
+        self.drift: DriftMonitor | None = None  # per product: the OK scores against the calibration (drift.py)
         self.evidence: EvidenceStore | None = None
         self.publisher = None
         self.pipelines: dict[str, CameraPipeline] = {}
@@ -100,6 +107,7 @@ class Daemon(ReloadMixin, HealthMixin):
             self.publisher = ResultPublisher(
                 config.mqtt, config.spool, config.station,
                 on_trigger=self._on_trigger, on_product_set=self._on_product_set, on_ask=self._on_ask,
+                on_feedback=self._on_feedback,
             )
             if self._flagged_sink is None and config.vlm.enabled:
                 # Checks the model files now: a wrong path fails the start, not every flagged frame.
@@ -120,15 +128,20 @@ class Daemon(ReloadMixin, HealthMixin):
             self.flagged = FlaggedQueue(config.pipeline.flagged_queue_size, self._flagged_sink)
             self.flagged.start()
         self.ask = daemon_ask_service(config, self.vlm_stage, self.evidence, self.publisher, self.flagged)
+        # threshold.adapt steps swap scorers on the monitor's own thread, like feedback does.
+        self.drift = DriftMonitor(config.threshold, config.scoring.calibration_dir, swap=self.reload_product,
+                                  keep=keep_versions(config))
         self.ask.start()
         with self._pipelines_lock:
             for camera in config.cameras:
                 pipeline = CameraPipeline(
                     config.station, camera, config.pipeline, scorers[camera.name], self.publisher, self.flagged,
-                    capture=captures[camera.name], evidence=self.evidence,
+                    capture=captures[camera.name], evidence=self.evidence, drift=self.drift,
                 )
                 self.pipelines[camera.name] = pipeline
                 pipeline.start()
+        self.feedback = daemon_feedback_service(self)  # after the pipelines: it asks them which product runs
+        self.feedback.start()
         self.notifier.ready(status=f"running: {len(self.pipelines)} camera(s), models loaded")
         log.info("ready: %s", ", ".join(f"{p.name} <- {p.capture.description} [{p.product_name}]" for p in self.pipelines.values()))
         try:
@@ -209,6 +222,8 @@ class Daemon(ReloadMixin, HealthMixin):
             self._switch_cond.notify_all()
         if self._switch_thread is not None:
             self._switch_thread.join(timeout=30.0)  # a switch loading a scorer finishes before the pipelines close
+        if self.drift is not None:
+            self.drift.stop(timeout=30.0)  # so does a threshold.adapt step
         drain = self.config.pipeline.drain_timeout_s
         deadline = time.monotonic() + drain
         self.notifier.stopping(status=f"stopping: draining in-flight inspections (at most {drain:g}s)")
@@ -233,6 +248,8 @@ class Daemon(ReloadMixin, HealthMixin):
                 self.flagged.join(time.monotonic() + 5.0)  # its last update goes out before the publisher stops
         if self.ask is not None:
             self.ask.stop(timeout=max(1.0, deadline - time.monotonic()))  # queued questions: error "stopping"
+        if self.feedback is not None:
+            self.feedback.stop(timeout=max(1.0, deadline - time.monotonic()))  # queued feedback: error "stopping"
         if self.publisher is not None:
             self._publish_stats()
             self.publisher.stop(timeout=max(1.0, deadline - time.monotonic()))
@@ -253,6 +270,13 @@ class Daemon(ReloadMixin, HealthMixin):
             self.publisher.publish_answer(error_body(request, "vlm_unavailable", "the daemon is starting; ask again"))
             return
         self.ask.submit(request)
+
+    def _on_feedback(self, request) -> None:
+        """Operator feedback (feedback/service.py): checked and queued, never waited on."""
+        if self.feedback is None:
+            self.publisher.publish_feedback_result(feedback_error(request, "unavailable", "the daemon is starting; send it again"))
+            return
+        self.feedback.submit(request)
 
     def _on_trigger(self, command) -> None:
         fired = False

@@ -42,6 +42,12 @@ class HealthMixin:
             stats["evidence"] = {"enabled": self.evidence.config.enabled, **self.evidence.stats()}
         if self.vlm_stage is not None:
             stats["vlm"] = self.vlm_stage.state()
+        feedback = getattr(self, "feedback", None)
+        if feedback is not None:
+            stats["feedback"] = feedback.state()  # operator feedback: received, applied, duplicates, errors
+        drift = getattr(self, "drift", None)
+        if drift is not None:
+            stats["drift"] = drift.snapshot()  # per product: the OK-score window against the calibration
         return stats
 
     def _publish_stats(self) -> None:
@@ -67,7 +73,14 @@ class HealthMixin:
         if self.publisher is not None:
             state = self.publisher.state()
             broker = f"{'connected' if state.get('connected') else 'disconnected'}, spool {state.get('spool_depth', '?')}"
-        return "; ".join(parts) + f"; broker {broker}"
+        line = "; ".join(parts) + f"; broker {broker}"
+        drift = getattr(self, "drift", None)
+        alarms = drift.alarms() if drift is not None else []
+        if alarms:
+            line += "; drift alarm: " + ", ".join(
+                f"{product} (position {snap['position']:.2f})" if snap["reason"] == "position"
+                else f"{product} (NG {snap['flag_rate']:.0%} of frames)" for product, snap in alarms)
+        return line
 
     def _on_capture_state(self, camera: str, state: CaptureState, detail: str) -> None:
         if state in (CaptureState.RECONNECTING, CaptureState.STALLED):

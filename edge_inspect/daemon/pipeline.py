@@ -54,6 +54,7 @@ class CameraPipeline:
         trigger: Trigger | None = None,
         stats: CameraStats | None = None,
         evidence: EvidenceStore | None = None,
+        drift=None,
     ):
         self.station = station
         self.config = config
@@ -61,6 +62,7 @@ class CameraPipeline:
         self.publisher = publisher
         self.flagged = flagged
         self.evidence = evidence
+        self.drift = drift  # daemon.drift.DriftMonitor: the product's OK-score window (never raises)
         self.capture = capture or Capture(config.name, config.source, config.reconnect)
         self.trigger = trigger or create_trigger(config.trigger)
         if isinstance(self.trigger, MqttTrigger):
@@ -70,8 +72,8 @@ class CameraPipeline:
         self._next_scorer = None
         self._scorer_lock = threading.Lock()
         self.stats.product = scorer.product.name
-        self._roi = (config.roi.x, config.roi.y, config.roi.width, config.roi.height) if config.roi else None
-        self._resize = tuple(config.resize) if config.resize else None
+        self._roi = config.roi_box
+        self._resize = config.resize_to
         self._slots_capacity = pipeline_config.score_queue_size
         self._slots = threading.Semaphore(self._slots_capacity)
         self._work: queue.Queue[_Work | None] = queue.Queue()
@@ -307,6 +309,8 @@ class CameraPipeline:
         published = time.monotonic()
         latency["publish"] = (published - mark) * 1000.0
         self.stats.record(latency, inspection.score, result.flagged)
+        if self.drift is not None:
+            self.drift.observe(product, inspection.score, result.flagged)
         log.debug(
             "inspection %s %s frame %d score %.4f %s total %.1f ms",
             inspection.inspection_id, self.name, frame.frame_id, inspection.score, inspection.verdict,

@@ -17,13 +17,14 @@ from ..capture.reader import Capture
 from ..config import load_config
 from ..errors import CalibrationError, UserError
 from ..scorer.product import Scorer, load_product
+from .drift import keep_versions
 from .pipeline import CameraPipeline
 
 log = logging.getLogger(__name__)
 
 # Config sections a SIGHUP does not apply: they hold the MQTT session, the spool, the evidence store and
 # the loaded VLM, which live as long as the process.
-_RESTART_ONLY = ("station", "mqtt", "spool", "evidence", "vlm")
+_RESTART_ONLY = ("station", "mqtt", "spool", "evidence", "vlm", "feedback")
 
 
 class ReloadMixin:
@@ -85,6 +86,39 @@ class ReloadMixin:
                     else:
                         pipeline.swap_scorer(scorer)
             self.counters.add("product_switches")
+
+    def reload_product(self, product: str) -> int:
+        """A new calibration version of `product` was written while running (operator feedback, a threshold
+        step): every pipeline scoring it gets a scorer of the new version from its next frame on, so no frame
+        is lost. Returns the number of cameras swapped; raises (UserError) when the version does not load,
+        and the previous scorers keep running."""
+        with self._product_lock:  # no product switch or reload in between
+            with self._pipelines_lock:
+                targets = [p for p in self.pipelines.values() if p.product_name == product]
+            scorers = []
+            try:
+                for _ in targets:
+                    scorers.append(self._load_scorer(product, allow_build=False))  # one per pipeline: not thread-safe
+            except BaseException:
+                for scorer in scorers:
+                    scorer.close()
+                raise
+            swapped = 0
+            with self._pipelines_lock:
+                for pipeline, scorer in zip(targets, scorers):
+                    if self.pipelines.get(pipeline.name) is pipeline and pipeline.product_name == product:
+                        pipeline.swap_scorer(scorer)
+                        swapped += 1
+                    else:
+                        scorer.close()
+        log.info("product %s: new calibration loaded on %d camera(s)", product, swapped)
+        return swapped
+
+    def running_product(self, camera: str) -> str | None:
+        """The product `camera` scores now (after switches), None when there is no such camera."""
+        with self._pipelines_lock:
+            pipeline = self.pipelines.get(camera)
+        return pipeline.product_name if pipeline is not None else None
 
     # --- models -------------------------------------------------------------------------------
 
@@ -166,7 +200,7 @@ class ReloadMixin:
                 capture=old.capture if keep_capture else Capture(camera.name, camera.source, camera.reconnect, on_state=self._on_capture_state),
                 trigger=old.trigger if keep_trigger else None,
                 stats=old.stats if old is not None else None,
-                evidence=self.evidence,
+                evidence=self.evidence, drift=getattr(self, "drift", None),
             )
             if keep_trigger:
                 pipeline.trigger.last_seq = old.trigger.last_seq
@@ -180,6 +214,8 @@ class ReloadMixin:
         with self._pipelines_lock:
             self.pipelines = replaced
         self.config = new
+        if getattr(self, "drift", None) is not None:
+            self.drift.configure(new.threshold, keep_versions(new), new.scoring.calibration_dir)  # the drift alarm and threshold.adapt apply at once
         self.counters.add("reloads")
         log.info("reloaded: %s", ", ".join(f"{p.name} [{p.product_name}]" for p in replaced.values()))
         self.notifier.ready(status=self.status_line())

@@ -2,7 +2,8 @@
 
 The MQTT client only hands over (topic, payload, retained); a route parses the payload and calls its
 handler. A new command is one handler and one row. Malformed payloads and handler errors are
-counted and logged, never raised into the network thread.
+counted and logged, never raised into the network thread. `TokenBucket` is the per-station rate limit
+of the commands that start work (ask, feedback), checked in their handlers without blocking.
 
 Example:
     commands = CommandDispatcher({topics.trigger: Route("trigger", parse_trigger, on_trigger, "triggers",
@@ -13,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,3 +72,23 @@ class CommandDispatcher:
         except Exception:  # noqa: BLE001 - a handler bug must not take the MQTT session down
             self.counts["command_errors"] += 1
             log.exception("the %s handler failed on %r", route.name, command)
+
+
+class TokenBucket:
+    """`rate_per_s` tokens per second up to `burst`; `take()` is False when none is left. The per-station
+    rate limit of commands that start work (ask, feedback), checked on paho's thread without blocking."""
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self._clock = rate_per_s, float(burst), clock
+        self._tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True

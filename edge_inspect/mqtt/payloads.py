@@ -27,7 +27,8 @@ from .. import records
 
 # Major changes break subscribers (a field renamed or removed); minor ones only add optional fields.
 SCHEMA_VERSION = "1.2"  # 1.1: optional final_verdict / decided_by in result updates; 1.2: calibration_version, feedback
-SCHEMA_NAMES = ("result", "result_update", "stats", "trigger", "product_set", "ask", "answer")  # ask/answer: mqtt/ask.py
+SCHEMA_NAMES = ("result", "result_update", "stats", "trigger", "product_set", "ask", "answer",  # ask/answer: mqtt/ask.py
+                "feedback", "feedback_result")  # mqtt/feedback.py
 
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"  # the last will: the broker publishes it when the daemon vanishes

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from .ask import AskRequest, answer_payload, answer_topic, ask_topic, parse_ask
 from .client import describe_connect_error, make_client, tls_context
 from .dispatch import CommandDispatcher, Route
+from .feedback import FeedbackRequest, feedback_result_payload, feedback_result_topic, feedback_topic, parse_feedback
 from .payloads import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
@@ -82,6 +83,7 @@ class ResultPublisher:
         on_trigger: Callable[[TriggerCommand], None] | None = None,
         on_product_set: Callable[[str], None] | None = None,
         on_ask: Callable[[AskRequest], None] | None = None,
+        on_feedback: Callable[[FeedbackRequest], None] | None = None,
     ):
         try:
             self.station = check_station(station)
@@ -123,6 +125,7 @@ class ResultPublisher:
                 "malformed_commands", "retained_triggers_ignored", "command_errors", "triggers", "product_sets",
                 "images_published", "images_skipped", "spool_errors", "unspooled",
                 "asks", "answers_published", "answers_unsent",
+                "feedbacks", "feedback_results_published", "feedback_results_unsent",
             ),
             0,
         )
@@ -130,6 +133,7 @@ class ResultPublisher:
             self.topics.trigger: Route("trigger", parse_trigger, on_trigger, "triggers", ignore_retained=True),
             self.topics.product_set: Route("product/set", parse_product_set, on_product_set, "product_sets"),
             ask_topic(self.topics): Route("ask", parse_ask, on_ask, "asks", ignore_retained=True),
+            feedback_topic(self.topics): Route("feedback", parse_feedback, on_feedback, "feedbacks", ignore_retained=True),
         }, self._counts)
 
     # --- public API ---------------------------------------------------------------------------
@@ -210,6 +214,20 @@ class ResultPublisher:
             return False
         client.publish(answer_topic(self.topics), payload, qos=1)
         self._counts["answers_published"] += 1
+        return True
+
+    def publish_feedback_result(self, body: dict) -> bool:
+        """Publish the result of an operator feedback (`feedback.apply` body) on .../feedback/result: QoS 1, not
+        retained, not spooled (a result lost while the broker is down costs nothing: feedback is idempotent,
+        and sending it again answers "duplicate" with the version it was applied in)."""
+        payload = encode(feedback_result_payload(self.station, body))
+        client = self._client
+        if client is None or not self._connected:
+            self._counts["feedback_results_unsent"] += 1
+            log.warning("feedback result for inspection %s not sent: not connected to the broker", body.get("inspection_id"))
+            return False
+        client.publish(feedback_result_topic(self.topics), payload, qos=1)
+        self._counts["feedback_results_published"] += 1
         return True
 
     def wait_connected(self, timeout: float) -> bool:

@@ -274,8 +274,8 @@ def load_good_images(paths: Sequence[Path], roi, size: tuple[int, int]) -> list[
     return images
 
 
-REFIT_EVIDENCE_CHOICES = ("all", "shots")
-REFIT_EVIDENCE = "all"
+REFIT_EVIDENCE_CHOICES = ("all", "shots", "novel")
+REFIT_EVIDENCE = "shots"  # measured best on the real sets (docs/calibration.md#learning-from-operator-feedback)
 STORED_SIDE_FACTOR = 2  # good images are kept at most this many times the scorer's input side
 
 
@@ -321,12 +321,15 @@ def fit_calibration(
     on_step: Callable[[str], None] | None = None,
     desc: str = "calibrate",
     evidence_images: int | None = None,
+    novel_only: bool = False,
 ) -> Fitted:
     """Memory bank (coreset of every good patch), leave-one-out and nuisance-view scores, synthetic
     anomalies and the automatic threshold, for good images already ROI-cropped.
 
     evidence_images: only the first N images give threshold evidence (leave-one-out, views, synthetic
-    anomalies); the rest only join the bank. None: all of them."""
+    anomalies); the rest only join the bank. None: all of them.
+    novel_only: of the images after the first `evidence_images`, only the patches no good part shows
+    join the bank (novel_patches)."""
     started = time.perf_counter()
     params = options.params
     if len(images) < MIN_IMAGES:
@@ -336,6 +339,8 @@ def fit_calibration(
     rng = np.random.default_rng(options.seed)
 
     n_evidence = len(images) if evidence_images is None else max(MIN_IMAGES, min(len(images), evidence_images))
+    if novel_only and evidence_images is None:
+        raise ValueError("novel_only needs evidence_images: the first N images are the reference for what is novel")
     n_steps = len(images) + n_evidence * (1 + options.synthetic_per_image) + 2
     bar = _progress(n_steps, desc, progress)
     step = on_step or (lambda _msg: None)
@@ -361,6 +366,9 @@ def fit_calibration(
     transform = feature_transform(params)
     own = [transform(f) for f in own]
     per_image = [features_to_patches(transform(p)) for p in per_image]
+    n_evidence = len(images) if evidence_images is None else max(MIN_IMAGES, min(len(images), evidence_images))
+    if novel_only:
+        per_image = novel_patches(per_image, n_evidence)
 
     step("coreset")
     all_patches = np.concatenate(per_image)
@@ -408,6 +416,33 @@ def fit_calibration(
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
     return Fitted(params=params, bank=bank, from_patches=int(all_patches.shape[0]), threshold=float(threshold),
                   evidence=evidence, embeddings=emb, seconds=time.perf_counter() - started)
+
+
+NOVEL_QUANTILE = 0.99  # of the shots' leave-one-out patch distances: above it a patch is new to the bank
+NOVEL_MIN_SHARE = 0.01  # an accepted frame adds at least its farthest 1 % of patches
+
+
+def novel_patches(per_image: list[np.ndarray], n_reference: int) -> list[np.ndarray]:
+    """Patch sets [n_i, D] with images after the first `n_reference` cut to their novel patches.
+
+    Why: an overruled false reject is mostly like the good parts; only the region that made it score
+    high is new. Adding just those patches repairs that region without widening the bank everywhere
+    (with whole frames added, defects that resemble any part of them started to pass on the real sets;
+    docs/calibration.md). Novel = farther from the bank so far than 99 % of the shots' own
+    leave-one-out patch distances, the spread good parts normally have."""
+    reference = per_image[:n_reference]
+    loo = [nearest_distances(p, np.concatenate([q for j, q in enumerate(reference) if j != i])) for i, p in enumerate(reference)]
+    cut = float(np.quantile(np.concatenate(loo), NOVEL_QUANTILE))
+    out = list(reference)
+    for patches in per_image[n_reference:]:
+        d = nearest_distances(patches, np.concatenate(out))
+        keep = d > cut
+        least = max(1, int(round(NOVEL_MIN_SHARE * len(d))))
+        if keep.sum() < least:
+            keep = np.zeros(len(d), bool)
+            keep[np.argsort(d)[-least:]] = True
+        out.append(patches[keep])
+    return out
 
 
 def options_to_json(options: CalibrationOptions) -> dict[str, Any]:
@@ -633,8 +668,9 @@ def refit_product(
     The caller holds `product_lock`. Returns the new version number.
 
     max_good: the good set's size limit; beyond it the oldest accepted frames leave it (the shots stay).
-    evidence_from: "all" = every good image gives threshold evidence (leave-one-out), "shots" = only the
-    calibration shots do and accepted frames only join the bank (docs/calibration.md compares them)."""
+    evidence_from: "all" = every good image gives threshold evidence (leave-one-out); "shots" = only the
+    calibration shots do and accepted frames only join the bank; "novel" = as "shots", and of each
+    accepted frame only its novel patches join (novel_patches). docs/calibration.md compares them."""
     if evidence_from not in REFIT_EVIDENCE_CHOICES:
         raise UserError(f"evidence_from must be one of {REFIT_EVIDENCE_CHOICES}, got {evidence_from!r}")
     number = current_version(calibration_dir, product)
@@ -654,7 +690,7 @@ def refit_product(
     folded, backbone_sha = load_folded(engines_dir)
     n_shots = sum(g.added_by == "calibrate" for g in good)
     fitted = fit_calibration([g.bgr for g in good], folded, options, threads, progress, desc=f"refit {product}",
-                             evidence_images=n_shots if evidence_from == "shots" else None)
+                             evidence_images=None if evidence_from == "all" else n_shots, novel_only=evidence_from == "novel")
     pdir = product_dir(calibration_dir, product)
     return commit_version(
         calibration_dir, product,

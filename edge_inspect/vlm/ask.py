@@ -28,6 +28,7 @@ from typing import Any, Callable
 from ..config.vlm import AskConfig
 from ..errors import ConfigError, UserError
 from ..mqtt.ask import AskRequest
+from ..mqtt.dispatch import TokenBucket  # noqa: F401 - shared with the feedback service
 from .followup import (
     AskError,
     ConversationLog,
@@ -56,25 +57,6 @@ def error_body(request: AskRequest, code: str, message: str) -> dict[str, Any]:
         "error_code": code,
         "error": message,
     }
-
-
-class TokenBucket:
-    """`rate_per_s` tokens per second up to `burst`; `take()` is False when none is left."""
-
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate, self.burst, self._clock = rate_per_s, float(burst), clock
-        self._tokens, self._at = float(burst), clock()
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-            if self._tokens < 1.0:
-                return False
-            self._tokens -= 1.0
-            return True
 
 
 class Asker:

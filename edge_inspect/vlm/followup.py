@@ -26,24 +26,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 
+from ..evidence import EvidenceMissing, find_evidence_json, read_evidence  # noqa: F401 - find_evidence_json: re-export
 from ..mqtt.ask import ERROR_CODES
-from ..records import GRID_WORDS, Region, is_inspection_id
+from ..records import GRID_WORDS, Region
 from .knowledge import Knowledge
 from .prompt import PromptInputs, Reference, build_prompt
 from .schema import ANSWER_MAX, answer_grammar, answer_schema, question_kind
 
 CHAT_SUFFIX = ".chat.jsonl"  # = evidence.CHAT_SUFFIX (deleted with the entry by retention)
 CHARS_PER_TOKEN = 4  # a cheap, tokenizer-free estimate (the daemon process has no tokenizer)
-_DAY_RE = re.compile(r"^\d{8}$")
 _SUMMARY_MAX = 400
 _APPEND_LOCK = threading.Lock()
 
@@ -98,39 +96,14 @@ class StoredInspection:
         return vlm if self.body.get("vlm_status") == "done" and isinstance(vlm, dict) else None
 
 
-def find_evidence_json(root: str | Path, inspection_id: str) -> Path | None:
-    """The JSON of an inspection in the evidence folder (<root>/<YYYYMMDD>/<id>.json), newest day first."""
-    if not is_inspection_id(inspection_id):
-        return None
-    try:
-        days = sorted((e.name for e in os.scandir(root) if e.is_dir() and _DAY_RE.match(e.name)), reverse=True)
-    except OSError:
-        return None
-    for day in days:
-        path = Path(root) / day / f"{inspection_id}.json"
-        if path.is_file():
-            return path
-    return None
-
-
 def load_stored(root: str | Path, inspection_id: str) -> StoredInspection:
-    """Read an inspection's evidence; AskError('unknown_inspection') when it is not (or no longer) kept."""
-    path = find_evidence_json(root, inspection_id)
-    if path is None:
-        raise AskError(
-            "unknown_inspection",
-            f"inspection {inspection_id!r} has no evidence in {root} (unknown id, an OK result, or deleted by the "
-            "evidence retention: evidence.max_count / max_mb / max_age_days)",
-        )
+    """Read an inspection's evidence (evidence.read_evidence); AskError('unknown_inspection') when it is not
+    (or no longer) kept."""
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AskError("unknown_inspection", f"evidence of {inspection_id} cannot be read ({exc})") from None
-    frame_name = (body.get("evidence") or {}).get("frame") or f"{inspection_id}.jpg"
-    frame = cv2.imread(str(path.with_name(Path(frame_name).name)), cv2.IMREAD_COLOR)
-    if frame is None:
-        raise AskError("unknown_inspection", f"the frame of inspection {inspection_id} is missing from {path.parent}")
-    return StoredInspection(inspection_id, path, body, frame)
+        stored = read_evidence(root, inspection_id)
+    except EvidenceMissing as exc:
+        raise AskError("unknown_inspection", str(exc)) from None
+    return StoredInspection(inspection_id, stored.json_path, stored.body, stored.frame_bgr)
 
 
 # --- the conversation log ------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""The daemon's feedback queue: MQTT feedback in, applied on one low-priority thread, results out.
+
+    MQTT <prefix>/<station>/feedback ──▶ FeedbackService.submit (paho's thread: checks only, never blocks)
+        │ token-bucket rate limit (feedback.rate_per_min, burst), bounded queue (feedback.queue_size)
+        ▼ its own thread at a lower CPU priority, one ONNX Runtime thread: scoring is not stalled
+    FeedbackApplier.apply (apply.py) ──▶ a new version? on_refit(product): the daemon swaps the scorers
+        ▼
+    <prefix>/<station>/feedback/result (same inspection_id and request_id), errors too
+
+Example:
+    service = FeedbackService(config.feedback, applier, publisher.publish_feedback_result, on_refit=daemon.reload_product)
+    service.start(); service.submit(parse_feedback(payload)); service.state()["applied"]
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from ..config.feedback import FeedbackConfig
+from ..mqtt.dispatch import TokenBucket
+from ..mqtt.feedback import FeedbackRequest
+from .apply import FeedbackApplier, FeedbackError, error_body
+
+log = logging.getLogger(__name__)
+
+NICE_INCREMENT = 10  # the worker thread's niceness above the daemon's: refits yield to scoring
+
+
+def lower_thread_priority(increment: int = NICE_INCREMENT) -> bool:
+    """Make the calling thread nicer (Linux: a thread is a schedulable task of its own). Best effort:
+    False where the platform or the sandbox does not allow it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+        return True
+    except (AttributeError, OSError) as exc:
+        log.debug("feedback worker keeps its priority (%s)", exc)
+        return False
+
+
+class FeedbackService:
+    """Feedback queue in front of a FeedbackApplier. `submit()` is called on paho's network thread and
+    never blocks; every message gets exactly one result through `publish` (applied, duplicate or error)."""
+
+    def __init__(
+        self,
+        config: FeedbackConfig,
+        applier: FeedbackApplier | None,
+        publish: Callable[[dict[str, Any]], Any],
+        on_refit: Callable[[str], Any] | None = None,
+        unavailable: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self.applier = applier
+        self._publish = publish
+        self._on_refit = on_refit
+        self._unavailable = unavailable or ("" if applier is not None else "feedback.enabled is false on this station")
+        self._bucket = TokenBucket(config.rate_per_min / 60.0, config.burst, clock)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[FeedbackRequest] = collections.deque()
+        self._stopping = False
+        self._busy = False
+        self._counts = dict.fromkeys(
+            ("received", "applied", "duplicates", "errors", "rate_limited", "queue_full", "refits", "swap_errors"), 0)
+        self._last_error = ""
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.applier is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="feedback", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Feedback still queued gets the error 'stopping'; the one being applied may finish until timeout
+        (a refit cut off by the exit leaves the previous version active: versions are committed atomically)."""
+        with self._cond:
+            self._stopping = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for request in left:
+            self._reply(error_body(request, "stopping", "the daemon is stopping; send the feedback again when it is back"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def state(self) -> dict[str, Any]:
+        """Counters for the daemon's stats (pipeline.feedback)."""
+        with self._cond:
+            return {**self._counts, "enabled": self.applier is not None, "queued": len(self._queue),
+                    "capacity": self.config.queue_size, "busy": self._busy, "last_error": self._last_error}
+
+    def submit(self, request: FeedbackRequest) -> None:
+        with self._cond:
+            self._counts["received"] += 1
+        try:
+            if self._stopping:
+                raise FeedbackError("stopping", "the daemon is stopping; send the feedback again when it is back")
+            if self.applier is None:
+                raise FeedbackError("disabled", f"feedback is not applied: {self._unavailable}")
+            self.applier.check(request)
+            if not self._bucket.take():
+                with self._cond:
+                    self._counts["rate_limited"] += 1
+                raise FeedbackError(
+                    "rate_limited",
+                    f"more than feedback.rate_per_min={self.config.rate_per_min:g} feedback messages per minute "
+                    f"(burst {self.config.burst}) for this station; send it again in a minute",
+                )
+            with self._cond:
+                if len(self._queue) >= self.config.queue_size:
+                    self._counts["queue_full"] += 1
+                    raise FeedbackError(
+                        "queue_full",
+                        f"feedback.queue_size={self.config.queue_size} feedback messages are already waiting; "
+                        "send it again later",
+                    )
+                self._queue.append(request)
+                self._cond.notify_all()
+        except FeedbackError as exc:
+            self._reply(error_body(request, exc.code, str(exc)))
+
+    def _run(self) -> None:
+        lower_thread_priority()
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait(0.5)
+                if self._stopping:
+                    return
+                request = self._queue.popleft()
+                self._busy = True
+            try:
+                outcome = self.applier.apply(request)
+                if outcome.refitted is not None:
+                    with self._cond:
+                        self._counts["refits"] += 1
+                    self._swap(outcome.refitted)
+            finally:
+                with self._cond:
+                    self._busy = False
+            self._reply(outcome.body)
+
+    def _swap(self, product: str) -> None:
+        """The new version goes live before the result says so: later results carry its calibration_version."""
+        if self._on_refit is None:
+            return
+        try:
+            self._on_refit(product)
+        except Exception as exc:  # noqa: BLE001 - the version is written; a SIGHUP or a restart loads it
+            with self._cond:
+                self._counts["swap_errors"] += 1
+            log.exception("feedback: the new calibration of %s is written but could not be loaded (%s); the previous "
+                          "one keeps scoring until a reload (SIGHUP) or restart", product, exc)
+
+    def _reply(self, body: dict[str, Any]) -> None:
+        status = body.get("status")
+        with self._cond:
+            self._counts[{"applied": "applied", "duplicate": "duplicates"}.get(status, "errors")] += 1
+            if status == "error":
+                self._last_error = f"{body.get('error_code')}: {body.get('error')}"
+        try:
+            self._publish(body)
+        except Exception:  # noqa: BLE001 - the publisher logs; feedback goes on
+            log.exception("feedback: could not publish the result for inspection %s", body.get("inspection_id"))
+
+
+def daemon_feedback_service(daemon: Any) -> FeedbackService:
+    """The daemon's FeedbackService (daemon: daemon.Daemon, after its publisher and evidence store exist).
+    With feedback.enabled false, or without an evidence store to read frames from, every message gets the
+    error 'disabled' and the reason."""
+    config = daemon.config
+    reason = ""
+    if not config.feedback.enabled:
+        reason = "feedback.enabled is false on this station"
+    elif daemon.evidence is None or not config.evidence.enabled:
+        reason = "evidence.enabled is false: there are no stored frames to learn from"
+    applier = None
+    if not reason:
+        applier = FeedbackApplier(
+            config.scoring.calibration_dir, config.scoring.engines_dir, daemon.evidence.root, config.feedback,
+            camera=lambda name: next((c for c in daemon.config.cameras if c.name == name), None),
+            running_product=daemon.running_product, flush=daemon.evidence.flush,
+        )
+    return FeedbackService(config.feedback, applier, daemon.publisher.publish_feedback_result,
+                           on_refit=daemon.reload_product, unavailable=reason)
