@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..scorer.versions import calibrated_products, product_dir
+from ..scorer.versions import calibrated_products, fsync_dir, product_dir
 
 LEDGER_FILE = "feedback.jsonl"
 _APPEND_LOCK = threading.Lock()  # one process's threads; other processes hold versions.product_lock
@@ -39,7 +39,7 @@ def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
         finally:
             os.close(fd)
     if new:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -57,19 +57,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if isinstance(entry, dict):
             out.append(entry)
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class FeedbackLedger:

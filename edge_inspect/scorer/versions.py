@@ -119,10 +119,11 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (best effort: some filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -190,7 +191,7 @@ def commit_version(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(vdir)
+    fsync_dir(vdir)
     _write_atomic(pdir / CURRENT_FILE, f"{number}\n")
     log.info("calibration %s: version %d is active (%s by %s%s)", product, number, change["change"],
              manifest["version"]["by"], f": {manifest['version']['why']}" if manifest["version"]["why"] else "")
