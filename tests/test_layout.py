@@ -25,7 +25,7 @@ scorer.calibrate scorer.synth scorer.product scorer.versions
 scorer.backends scorer.backends.ort_backend scorer.backends.trt_backend scorer.backends.trt_plan_cache
 scorer.backends.trt_compat scorer.backends.trt_build
 vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.worker vlm.stage vlm.followup vlm.ask
-mqtt mqtt.client mqtt.dispatch mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.feedback mqtt.listen
+mqtt mqtt.client mqtt.dispatch mqtt.request_queue mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.feedback mqtt.listen
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
 daemon.sdnotify daemon.drift
 feedback feedback.ledger feedback.defects feedback.apply feedback.service feedback.command

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
@@ -24,10 +23,12 @@ from typing import Any, Callable
 from ..config.feedback import FeedbackConfig
 from ..mqtt.dispatch import TokenBucket
 from ..mqtt.feedback import FeedbackRequest
+from ..mqtt.request_queue import RequestQueue
 from .apply import FeedbackApplier, FeedbackError, error_body
 
 log = logging.getLogger(__name__)
 
+STOPPING = "the daemon is stopping; send the feedback again when it is back"
 NICE_INCREMENT = 10  # the worker thread's niceness above the daemon's: refits yield to scoring
 
 
@@ -61,13 +62,16 @@ class FeedbackService:
         self._publish = publish
         self._on_refit = on_refit
         self._unavailable = unavailable or ("" if applier is not None else "feedback.enabled is false on this station")
-        self._bucket = TokenBucket(config.rate_per_min / 60.0, config.burst, clock)
-        self._cond = threading.Condition()
-        self._queue: collections.deque[FeedbackRequest] = collections.deque()
-        self._stopping = False
-        self._busy = False
         self._counts = dict.fromkeys(
             ("received", "applied", "duplicates", "errors", "rate_limited", "queue_full", "refits", "swap_errors"), 0)
+        self._requests: RequestQueue[FeedbackRequest] = RequestQueue(
+            config.queue_size, TokenBucket(config.rate_per_min / 60.0, config.burst, clock), FeedbackError,
+            self._counts, stopping=STOPPING,
+            rate_limited=f"more than feedback.rate_per_min={config.rate_per_min:g} feedback messages per minute "
+                         f"(burst {config.burst}) for this station; send it again in a minute",
+            queue_full=f"feedback.queue_size={config.queue_size} feedback messages are already waiting; "
+                       "send it again later",
+        )
         self._last_error = ""
         self._thread: threading.Thread | None = None
 
@@ -79,71 +83,39 @@ class FeedbackService:
     def stop(self, timeout: float = 5.0) -> None:
         """Feedback still queued gets the error 'stopping'; the one being applied may finish until timeout
         (a refit cut off by the exit leaves the previous version active: versions are committed atomically)."""
-        with self._cond:
-            self._stopping = True
-            left = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for request in left:
-            self._reply(error_body(request, "stopping", "the daemon is stopping; send the feedback again when it is back"))
+        for request in self._requests.drain():
+            self._reply(error_body(request, "stopping", STOPPING))
         if self._thread is not None:
             self._thread.join(timeout)
 
     def state(self) -> dict[str, Any]:
         """Counters for the daemon's stats (pipeline.feedback)."""
-        with self._cond:
-            return {**self._counts, "enabled": self.applier is not None, "queued": len(self._queue),
-                    "capacity": self.config.queue_size, "busy": self._busy, "last_error": self._last_error}
+        with self._requests.cond:
+            return {**self._counts, "enabled": self.applier is not None, "queued": len(self._requests),
+                    "capacity": self.config.queue_size, "busy": self._requests.busy, "last_error": self._last_error}
 
     def submit(self, request: FeedbackRequest) -> None:
-        with self._cond:
-            self._counts["received"] += 1
+        self._requests.count("received")
         try:
-            if self._stopping:
-                raise FeedbackError("stopping", "the daemon is stopping; send the feedback again when it is back")
-            if self.applier is None:
-                raise FeedbackError("disabled", f"feedback is not applied: {self._unavailable}")
-            self.applier.check(request)
-            if not self._bucket.take():
-                with self._cond:
-                    self._counts["rate_limited"] += 1
-                raise FeedbackError(
-                    "rate_limited",
-                    f"more than feedback.rate_per_min={self.config.rate_per_min:g} feedback messages per minute "
-                    f"(burst {self.config.burst}) for this station; send it again in a minute",
-                )
-            with self._cond:
-                if len(self._queue) >= self.config.queue_size:
-                    self._counts["queue_full"] += 1
-                    raise FeedbackError(
-                        "queue_full",
-                        f"feedback.queue_size={self.config.queue_size} feedback messages are already waiting; "
-                        "send it again later",
-                    )
-                self._queue.append(request)
-                self._cond.notify_all()
+            self._requests.admit(request, check=lambda: self._check(request))
         except FeedbackError as exc:
             self._reply(error_body(request, exc.code, str(exc)))
 
+    def _check(self, request: FeedbackRequest) -> None:
+        if self.applier is None:
+            raise FeedbackError("disabled", f"feedback is not applied: {self._unavailable}")
+        self.applier.check(request)
+
     def _run(self) -> None:
         lower_thread_priority()
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait(0.5)
-                if self._stopping:
-                    return
-                request = self._queue.popleft()
-                self._busy = True
+        while (request := self._requests.take()) is not None:
             try:
                 outcome = self.applier.apply(request)
                 if outcome.refitted is not None:
-                    with self._cond:
-                        self._counts["refits"] += 1
+                    self._requests.count("refits")
                     self._swap(outcome.refitted)
             finally:
-                with self._cond:
-                    self._busy = False
+                self._requests.done()
             self._reply(outcome.body)
 
     def _swap(self, product: str) -> None:
@@ -153,14 +125,13 @@ class FeedbackService:
         try:
             self._on_refit(product)
         except Exception as exc:  # noqa: BLE001 - the version is written; a SIGHUP or a restart loads it
-            with self._cond:
-                self._counts["swap_errors"] += 1
+            self._requests.count("swap_errors")
             log.exception("feedback: the new calibration of %s is written but could not be loaded (%s); the previous "
                           "one keeps scoring until a reload (SIGHUP) or restart", product, exc)
 
     def _reply(self, body: dict[str, Any]) -> None:
         status = body.get("status")
-        with self._cond:
+        with self._requests.cond:
             self._counts[{"applied": "applied", "duplicate": "duplicates"}.get(status, "errors")] += 1
             if status == "error":
                 self._last_error = f"{body.get('error_code')}: {body.get('error')}"

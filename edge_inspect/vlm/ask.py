@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import threading
@@ -28,7 +27,8 @@ from typing import Any, Callable
 from ..config.vlm import AskConfig
 from ..errors import ConfigError, UserError
 from ..mqtt.ask import AskRequest
-from ..mqtt.dispatch import TokenBucket  # noqa: F401 - shared with the feedback service
+from ..mqtt.dispatch import TokenBucket
+from ..mqtt.request_queue import RequestQueue
 from .followup import (
     AskError,
     ConversationLog,
@@ -45,6 +45,7 @@ from .schema import AnswerError, parse_answer
 log = logging.getLogger(__name__)
 
 DEFAULT_CONVERSATION = "default"
+STOPPING = "the daemon is stopping; ask again when it is back"
 
 
 def error_body(request: AskRequest, code: str, message: str) -> dict[str, Any]:
@@ -204,12 +205,14 @@ class AskService:
         self._publish = publish
         self._busy = busy
         self._unavailable = unavailable or ("" if asker is not None else "the VLM is off (vlm.enabled is false)")
-        self._bucket = TokenBucket(config.rate_per_min / 60.0, config.burst, clock)
-        self._cond = threading.Condition()
-        self._queue: collections.deque[AskRequest] = collections.deque()
-        self._stopping = False
-        self._current: AskRequest | None = None
         self._counts = dict.fromkeys(("asked", "answered", "errors", "rate_limited", "queue_full"), 0)
+        self._requests: RequestQueue[AskRequest] = RequestQueue(
+            config.queue_size, TokenBucket(config.rate_per_min / 60.0, config.burst, clock), AskError, self._counts,
+            stopping=STOPPING,
+            rate_limited=f"more than vlm.ask.rate_per_min={config.rate_per_min:g} questions per minute "
+                         f"(burst {config.burst}) for this station; ask again in a minute",
+            queue_full=f"vlm.ask.queue_size={config.queue_size} questions are already waiting; ask again later",
+        )
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -219,71 +222,41 @@ class AskService:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Questions still queued get the error 'stopping'; the one being answered may finish until timeout."""
-        with self._cond:
-            self._stopping = True
-            left = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for request in left:
-            self._reply(error_body(request, "stopping", "the daemon is stopping; ask again when it is back"))
+        for request in self._requests.drain():
+            self._reply(error_body(request, "stopping", STOPPING))
         if self._thread is not None:
             self._thread.join(timeout)
 
     def state(self) -> dict[str, Any]:
-        with self._cond:
-            return {**self._counts, "queued": len(self._queue), "busy": self._current is not None}
+        with self._requests.cond:
+            return {**self._counts, "queued": len(self._requests), "busy": self._requests.busy}
 
     def submit(self, request: AskRequest) -> None:
-        with self._cond:
-            self._counts["asked"] += 1
+        self._requests.count("asked")
         try:
-            if self._stopping:
-                raise AskError("stopping", "the daemon is stopping; ask again when it is back")
-            if self.asker is None:
-                raise AskError("vlm_disabled", f"questions cannot be answered: {self._unavailable}")
-            self.asker.check(request)
-            if not self._bucket.take():
-                with self._cond:
-                    self._counts["rate_limited"] += 1
-                raise AskError(
-                    "rate_limited",
-                    f"more than vlm.ask.rate_per_min={self.config.rate_per_min:g} questions per minute "
-                    f"(burst {self.config.burst}) for this station; ask again in a minute",
-                )
-            with self._cond:
-                if len(self._queue) >= self.config.queue_size:
-                    self._counts["queue_full"] += 1
-                    raise AskError(
-                        "queue_full",
-                        f"vlm.ask.queue_size={self.config.queue_size} questions are already waiting; ask again later",
-                    )
-                self._queue.append(request)
-                self._cond.notify_all()
+            self._requests.admit(request, check=lambda: self._check(request))
         except AskError as exc:
             self._reply(error_body(request, exc.code, str(exc)))
 
+    def _check(self, request: AskRequest) -> None:
+        if self.asker is None:
+            raise AskError("vlm_disabled", f"questions cannot be answered: {self._unavailable}")
+        self.asker.check(request)
+
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait(0.5)
-                if self._stopping:
-                    return
-                request = self._queue.popleft()
-                self._current = request
+        while (request := self._requests.take()) is not None:
             try:
                 body = self._wait_for_frames(request) or self.asker.answer(request)
             finally:
-                with self._cond:
-                    self._current = None
+                self._requests.done()
             self._reply(body)
 
     def _wait_for_frames(self, request: AskRequest) -> dict[str, Any] | None:
         """Verdicts first: wait while flagged frames are queued or explained (None = go ahead)."""
         end = time.monotonic() + self.config.timeout_s
         while self._busy():
-            if self._stopping:
-                return error_body(request, "stopping", "the daemon is stopping; ask again when it is back")
+            if self._requests.stopping:
+                return error_body(request, "stopping", STOPPING)
             if time.monotonic() > end:
                 return error_body(
                     request, "busy",
@@ -294,8 +267,7 @@ class AskService:
         return None
 
     def _reply(self, body: dict[str, Any]) -> None:
-        with self._cond:
-            self._counts["answered" if body.get("status") == "answered" else "errors"] += 1
+        self._requests.count("answered" if body.get("status") == "answered" else "errors")
         try:
             self._publish(body)
         except Exception:  # noqa: BLE001 - the publisher logs; questions go on
