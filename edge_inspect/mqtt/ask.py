@@ -11,14 +11,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Mapping
 
 from dataclasses import dataclass
 
 from .. import records
-from .payloads import SCHEMA_VERSION, Topics, iso_utc
+from .payloads import SCHEMA_VERSION, Topics, is_command_id, iso_utc, json_object
 
 # Error codes on the answer topic and in `edge-inspect ask` (exit code 2).
 ERROR_CODES = (
@@ -28,7 +27,6 @@ ERROR_CODES = (
 ANSWER_KINDS = ("open", "yes_no", "location")
 MAX_ASK_BYTES = 16384
 MAX_QUESTION_CHARS = 4000  # the schema's bound; vlm.ask.max_question_chars is the configured one
-_ID_CHARS = 64
 _KEYS = {"inspection_id", "question", "conversation_id", "request_id"}
 
 
@@ -52,24 +50,13 @@ def answer_topic(topics: Topics) -> str:
     return f"{topics.base}/answer"
 
 
-def _is_id(value: Any) -> bool:
-    return isinstance(value, str) and records.is_inspection_id(value) and len(value) <= _ID_CHARS
-
-
 def parse_ask(payload: bytes, now: float | None = None) -> AskRequest:
     """Parse an ask payload. ValueError only when no answer can be addressed (no usable request_id);
     every other problem comes back as an AskRequest with `error` set, answered with invalid_request."""
     received_at = time.time() if now is None else now
-    if len(payload) > MAX_ASK_BYTES:
-        raise ValueError(f"ask payload is {len(payload)} bytes; at most {MAX_ASK_BYTES}")
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"ask payload is not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"ask payload must be a JSON object, got {type(data).__name__}")
+    data = json_object(payload, "ask", MAX_ASK_BYTES)
     request_id = data.get("request_id")
-    if not _is_id(request_id):
+    if not is_command_id(request_id):
         raise ValueError("ask payload needs a request_id of 1-64 letters, digits, _ . : or - (the answer carries it)")
     inspection_id = data.get("inspection_id")
     question = data.get("question")
@@ -78,19 +65,19 @@ def parse_ask(payload: bytes, now: float | None = None) -> AskRequest:
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         error = f"unknown keys {unknown}; allowed: {', '.join(sorted(_KEYS))}"
-    elif not _is_id(inspection_id):
+    elif not is_command_id(inspection_id):
         error = "inspection_id must be the inspection_id of a result (1-64 letters, digits, _ . : or -)"
     elif not isinstance(question, str):
         error = "question must be a string"
     elif len(question) > MAX_QUESTION_CHARS:
         error = f"question has {len(question)} characters; at most {MAX_QUESTION_CHARS}"
-    elif conversation_id is not None and not _is_id(conversation_id):
+    elif conversation_id is not None and not is_command_id(conversation_id):
         error = "conversation_id must be 1-64 letters, digits, _ . : or - (or left out)"
     return AskRequest(
         inspection_id=inspection_id if isinstance(inspection_id, str) and len(inspection_id) <= 256 else "",
         question=question if isinstance(question, str) else "",
         request_id=request_id,
-        conversation_id=conversation_id if _is_id(conversation_id) else None,
+        conversation_id=conversation_id if is_command_id(conversation_id) else None,
         received_at=received_at,
         error=error,
     )

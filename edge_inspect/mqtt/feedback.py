@@ -12,14 +12,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .. import records
-from .payloads import SCHEMA_VERSION, Topics, iso_utc
+from .payloads import SCHEMA_VERSION, Topics, is_command_id, iso_utc, json_object
 
 VERDICTS = ("ok", "ng")
 STATUSES = ("applied", "duplicate", "error")
@@ -32,7 +30,6 @@ MAX_FEEDBACK_BYTES = 8192
 MAX_DEFECT_TYPE_CHARS = 64
 MAX_OPERATOR_CHARS = 128
 MAX_NOTE_CHARS = 1000
-_ID_CHARS = 64
 _KEYS = {"inspection_id", "verdict", "defect_type", "operator", "note", "request_id"}
 
 
@@ -59,10 +56,6 @@ def feedback_result_topic(topics: Topics) -> str:
     return f"{topics.base}/feedback/result"
 
 
-def _is_id(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= _ID_CHARS and records.is_inspection_id(value)
-
-
 def _text_problem(name: str, value: Any, limit: int) -> str | None:
     if value is None:
         return None
@@ -81,16 +74,9 @@ def parse_feedback(payload: bytes, now: float | None = None) -> FeedbackRequest:
     neither a usable inspection_id nor a usable request_id); every other problem comes back as a
     FeedbackRequest with `error` set, answered with invalid_request."""
     received_at = time.time() if now is None else now
-    if len(payload) > MAX_FEEDBACK_BYTES:
-        raise ValueError(f"feedback payload is {len(payload)} bytes; at most {MAX_FEEDBACK_BYTES}")
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"feedback payload is not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"feedback payload must be a JSON object, got {type(data).__name__}")
+    data = json_object(payload, "feedback", MAX_FEEDBACK_BYTES)
     inspection_id, request_id = data.get("inspection_id"), data.get("request_id")
-    if not _is_id(inspection_id) and not _is_id(request_id):
+    if not is_command_id(inspection_id) and not is_command_id(request_id):
         raise ValueError("feedback payload needs the inspection_id of a result (1-64 letters, digits, _ or -); "
                          "the result on feedback/result carries it")
     verdict = data.get("verdict")
@@ -99,9 +85,9 @@ def parse_feedback(payload: bytes, now: float | None = None) -> FeedbackRequest:
     error = None
     if unknown:
         error = f"unknown keys {unknown}; allowed: {', '.join(sorted(_KEYS))}"
-    elif not _is_id(inspection_id):
+    elif not is_command_id(inspection_id):
         error = "inspection_id must be the inspection_id of a result (1-64 letters, digits, _ or -)"
-    elif request_id is not None and not _is_id(request_id):
+    elif request_id is not None and not is_command_id(request_id):
         error = "request_id must be 1-64 letters, digits, _ or - (or left out)"
     elif verdict not in VERDICTS:
         error = f'verdict must be "ok" (the part is good) or "ng" (the part is defective), got {verdict!r}'
@@ -112,12 +98,12 @@ def parse_feedback(payload: bytes, now: float | None = None) -> FeedbackRequest:
                  or _text_problem("operator", operator, MAX_OPERATOR_CHARS)
                  or _text_problem("note", note, MAX_NOTE_CHARS))
     return FeedbackRequest(
-        inspection_id=inspection_id if _is_id(inspection_id) else "",
+        inspection_id=inspection_id if is_command_id(inspection_id) else "",
         verdict=verdict if verdict in VERDICTS else "",
         defect_type=defect_type.strip() if isinstance(defect_type, str) and not error else None,
         operator=operator.strip() if isinstance(operator, str) and not error else None,
         note=note.strip() if isinstance(note, str) and not error else None,
-        request_id=request_id if _is_id(request_id) else None,
+        request_id=request_id if is_command_id(request_id) else None,
         received_at=received_at,
         error=error,
     )
@@ -151,7 +137,7 @@ def feedback_result_payload(station: str, body: Mapping[str, Any], timestamp: fl
     payload: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "type": "feedback_result",
-        "inspection_id": inspection_id if _is_id(inspection_id) else None,
+        "inspection_id": inspection_id if is_command_id(inspection_id) else None,
         "station": station,
         "timestamp": iso_utc(time.time() if timestamp is None else timestamp),
         "status": status,

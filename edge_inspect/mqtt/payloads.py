@@ -288,13 +288,23 @@ def _check_nesting(text: str, what: str) -> None:
             depth -= 1
 
 
-def _json_object(payload: bytes, what: str) -> dict[str, Any]:
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise ValueError(f"{what} payload is {len(payload)} bytes; at most {MAX_COMMAND_BYTES}")
+COMMAND_ID_CHARS = 64
+
+
+def is_command_id(value: Any) -> bool:
+    """An inspection_id, request_id or conversation_id a command may carry (the records' id alphabet, 1-64)."""
+    return isinstance(value, str) and len(value) <= COMMAND_ID_CHARS and records.is_inspection_id(value)
+
+
+def json_object(payload: bytes, what: str, max_bytes: int = MAX_COMMAND_BYTES) -> dict[str, Any]:
+    """A command payload as a flat JSON object; ValueError naming `what` for anything else (too big, not
+    UTF-8 JSON, nested too deep, a repeated key, NaN/Infinity, not an object)."""
+    if len(payload) > max_bytes:
+        raise ValueError(f"{what} payload is {len(payload)} bytes; at most {max_bytes}")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{what} payload is not UTF-8 text") from None
+        raise ValueError(f"{what} payload is not JSON (not UTF-8 text)") from None
     _check_nesting(text, what)
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -328,7 +338,7 @@ def parse_trigger(payload: bytes, now: float | None = None) -> TriggerCommand:
     received_at = time.time() if now is None else now
     if not payload.strip():
         raise ValueError("trigger payload is empty (a cleared retained message?); send {} for a trigger without part id")
-    data = _json_object(payload, "trigger")
+    data = json_object(payload, "trigger")
     unknown = set(data) - {"part_id"}
     if unknown:
         raise ValueError(f"trigger has unknown keys {sorted(unknown)}; allowed: part_id")
@@ -359,7 +369,7 @@ def parse_product_set(payload: bytes) -> str:
         if not isinstance(name, str):
             raise ValueError("product/set payload is not a JSON string")
     elif stripped.startswith((b"{", b"[")) or stripped in (b"null", b"true", b"false"):
-        data = _json_object(stripped, "product/set")
+        data = json_object(stripped, "product/set")
         unknown = set(data) - {"product"}
         if unknown or "product" not in data:
             raise ValueError(f'product/set object must be {{"product": NAME}}, got keys {sorted(data)}')
