@@ -34,7 +34,7 @@ from .backbone import tap_channels
 from .backends.trt_compat import check_tensorrt_compat
 from .memory_bank import features_to_patches, greedy_coreset, nearest_distances
 from .params import ScorerParams, gaussian_kernel_1d, image_score, projection_matrix
-from .product import load_product
+from .product import file_sha256, load_product
 from .scorer_graph import build_features_model, build_scorer_model, folded_from_model, save_model
 from .synth import synthetic_anomaly
 from .threshold import DEFAULT_FALSE_REJECT_RATE, automatic_threshold
@@ -243,10 +243,6 @@ def feature_transform(params: ScorerParams) -> Callable[[np.ndarray], np.ndarray
         weights = (projection * weights.T).T  # [D, P]: scale each input channel, then project
         return lambda f: np.einsum("...dhw,dp->...phw", f, weights, optimize=True).astype(np.float32)
     return lambda f: (f * weights[:, 0, None, None]).astype(np.float32)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -554,8 +550,8 @@ def write_version_files(
         "bank": {"file": "memory_bank.npy", "patches": int(bank.shape[0]), "dim": int(bank.shape[1]),
                  "from_patches": fitted.from_patches, "sha256": bank_sha},
         "backbone": {"file": BACKBONE_FILE, "sha256": backbone_sha, "architecture": "efficientnet-lite0"},
-        "scorer_onnx": {"file": engine_name, "sha256": _sha256(engines / engine_name)},
-        "features_onnx": {"file": features_name, "sha256": _sha256(engines / features_name)},
+        "scorer_onnx": {"file": engine_name, "sha256": file_sha256(engines / engine_name)},
+        "features_onnx": {"file": features_name, "sha256": file_sha256(engines / features_name)},
         "images": images_meta if images_meta is not None else [],
         "good_set": good_set,
         "seconds": round(fitted.seconds, 2),
@@ -610,7 +606,7 @@ def calibrate_product(
         on_step("write calibration")
     engines = Path(engines_dir)
     good = [GoodImage(bgr, str(p)) for bgr, p in zip(images, paths)]
-    images_meta = [{"source": str(p), "sha256": _sha256(p)} for p in paths]
+    images_meta = [{"source": str(p), "sha256": file_sha256(p)} for p in paths]
     with product_lock(calibration_dir, product):
         if current_version(calibration_dir, product) is None:
             _retire_legacy(pdir)
@@ -745,7 +741,7 @@ def _ensure_graphs(manifest: dict[str, Any], product: str, folder: Path, engines
     bank = np.load(folder / "memory_bank.npy", allow_pickle=False)
     write_graphs(folded, product, ScorerParams.from_json(manifest["params"]), bank, engines)
     for key, path in (("scorer_onnx", scorer_file), ("features_onnx", features_file)):
-        if not path.is_file() or _sha256(path) != manifest[key].get("sha256"):
+        if not path.is_file() or file_sha256(path) != manifest[key].get("sha256"):
             raise CalibrationError(f"rebuilt {path} does not match the sha256 version's manifest records: recalibrate instead")
 
 
