@@ -6,10 +6,24 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from mqtt_broker import MISSING_REASON, MosquittoBroker, mosquitto_binary
+
+
+def wait_until(predicate, timeout: float = 30.0, step: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass; returns its last value.
+
+    The one wait of the suite: a test waits for a condition, never for the clock. The timeout is a
+    bound for a hung test on a loaded machine, not a speed claim; assert on the returned value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
 
 
 @pytest.fixture

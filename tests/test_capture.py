@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from edge_inspect.capture.geometry import camera_view, view_to_frame_box
 from edge_inspect.capture.reader import Capture, CaptureState, Grabbed, LatestFrame
@@ -40,13 +41,6 @@ def image_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def wait_until(predicate, timeout=10.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 # --- LatestFrame -------------------------------------------------------------------------------

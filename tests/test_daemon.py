@@ -19,6 +19,7 @@ import cv2
 import jsonschema
 import numpy as np
 import pytest
+from conftest import wait_until
 import yaml
 from mqtt_broker import MessageCollector, MosquittoBroker, free_port, mosquitto_binary
 from test_capture import MjpegCamera
@@ -220,13 +221,6 @@ def notify_socket():
     sock.close()
 
 
-def wait_until(predicate, timeout: float = 20.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 def results(collector: MessageCollector) -> list[dict]:

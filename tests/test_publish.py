@@ -16,6 +16,7 @@ from pathlib import Path
 import jsonschema
 import paho.mqtt.client as paho
 import pytest
+from conftest import wait_until
 from mqtt_broker import MessageCollector, make_password_file, make_tls_files
 from paho.mqtt.enums import CallbackAPIVersion
 from publisher_harness import synthetic_inspection
@@ -71,13 +72,6 @@ def wait_for_line(stream, text: str) -> bool:
     return False
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.mark.mosquitto
