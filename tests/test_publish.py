@@ -359,11 +359,11 @@ def test_malformed_commands_are_logged_counted_and_ignored(mosquitto_broker, tmp
     publisher.start()
     assert publisher.wait_connected(10)
     assert wait_until(lambda: publisher.state()["connects"] == 1)
+    assert wait_until(lambda: publisher.state()["commands_subscribed"])  # the broker's SUBACK
     commander = paho.Client(CallbackAPIVersion.VERSION2, client_id="plc")
     commander.connect("127.0.0.1", mosquitto_broker.port)
     commander.loop_start()
     try:
-        time.sleep(0.3)  # the publisher's SUBACK
         for topic, payload in MALFORMED_COMMANDS:
             commander.publish(topic, payload, qos=1).wait_for_publish(5)
         commander.publish(TOPICS.trigger, b'{"part_id": "A-7"}', qos=1).wait_for_publish(5)
@@ -482,8 +482,9 @@ def test_publisher_sigkilled_mid_stream_loses_nothing_after_restart(mosquitto_br
 
 @pytest.mark.mosquitto
 @pytest.mark.slow
-def test_broker_down_for_20_s_mid_stream_every_result_arrives(mosquitto_factory, tmp_path):
-    """300 results at 50/s; the broker is stopped for 20 s after ~100 and restarted with its persistence."""
+def test_broker_down_mid_stream_every_result_arrives(mosquitto_factory, tmp_path):
+    """300 results at 50/s; the broker is stopped after ~100 and restarted with its persistence once the
+    publisher has failed to reconnect five times and the line has made another 100 results meanwhile."""
     broker = mosquitto_factory(persistence_dir=tmp_path / "broker")
     max_inflight = 20
     collector = MessageCollector(broker.port, [TOPICS.result], client_id="scada-historian", persistent=True)
@@ -506,7 +507,8 @@ def test_broker_down_for_20_s_mid_stream_every_result_arrives(mosquitto_factory,
     assert wait_until(lambda: len(sent) >= 100, timeout=30)
     broker.stop()
     outage["depth_before"] = publisher.state()["spool_depth"]
-    time.sleep(20)
+    failures = publisher.state()["connect_failures"]
+    assert wait_until(lambda: publisher.state()["connect_failures"] >= failures + 5 and len(sent) >= 200, timeout=120)
     outage["depth_during"] = publisher.state()["spool_depth"]
     outage["connected_during"] = publisher.state()["connected"]
     broker.start()
@@ -527,3 +529,27 @@ def test_broker_down_for_20_s_mid_stream_every_result_arrives(mosquitto_factory,
     assert check.summary()["missing"] == 0 and check.summary()["stations"][STATION]["last_seq"] == 300
     assert any(r["replayed"] for r in got) and validate_all(collector) == len(got)
     print(f"outage test: {len(got)} messages, {duplicates} duplicates, {check.replayed} replayed")
+
+
+
+def test_a_command_subscription_the_broker_refuses_is_logged_and_shown(tmp_path, caplog):
+    """Brokers with ACLs (EMQX, HiveMQ, AWS IoT) refuse a SUBSCRIBE in its SUBACK; then the daemon cannot
+    receive triggers. The refusal is logged with the topic, and commands_subscribed stays false.
+    (mosquitto's ACL grants the SUBACK and filters deliveries instead, so the SUBACK is built here.)"""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    caplog.set_level(logging.INFO, logger="edge_inspect.mqtt.publisher")
+    publisher = ResultPublisher(mqtt_config(1), spool_config(tmp_path), STATION, on_trigger=lambda t: None)
+    try:
+        topics = publisher._commands.topics
+        granted = [ReasonCode(PacketTypes.SUBACK, "Granted QoS 1") for _ in topics]
+        refused = [ReasonCode(PacketTypes.SUBACK, "Not authorized")] + granted[1:]
+        publisher._on_subscribe(None, None, 1, granted, None)
+        assert publisher._commands_live and "refused" not in (publisher.state()["last_error"] or "")
+        publisher._on_subscribe(None, None, 2, refused, None)
+        assert publisher.state()["commands_subscribed"] is False
+        assert f"{topics[0]} (Not authorized)" in publisher.state()["last_error"]
+        assert any("refused the command subscription" in r.getMessage() for r in caplog.records)
+    finally:
+        publisher.stop(timeout=0)

@@ -113,6 +113,7 @@ class ResultPublisher:
         self._last_error_at: float | None = None
         self._last_logged: tuple[str, float] = ("", 0.0)
         self._connected_since: float | None = None
+        self._commands_live = False  # the broker acknowledged the command subscriptions of this connection
         self._failures_since_connect = 0
         self._refused = False  # the last CONNACK was a refusal (its disconnect is not reported again)
         self._last_socket_error: str | None = None
@@ -250,6 +251,7 @@ class ResultPublisher:
             "protocol": self.config.protocol,
             "tls": self._tls_context is not None,
             "connected_since": iso_utc(self._connected_since) if self._connected and self._connected_since else None,
+            "commands_subscribed": self._connected and self._commands_live,
             "last_error": self._last_error,
             "last_error_at": iso_utc(self._last_error_at) if self._last_error_at else None,
             **spool,
@@ -465,6 +467,7 @@ class ResultPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -492,6 +495,7 @@ class ResultPublisher:
         client.publish(self.topics.status, STATUS_ONLINE, qos=1, retain=True)
         if self._last_stats is not None:
             client.publish(self.topics.stats, self._last_stats, qos=0, retain=True)
+        self._commands_live = False
         client.subscribe([(topic, 1) for topic in self._commands.topics])
         self._events.append(("connected", self._generation, window))
         self._wake.set()
@@ -543,6 +547,14 @@ class ResultPublisher:
         failure = str(reason_code) if getattr(reason_code, "is_failure", False) else None
         self._events.append(("ack", mid, failure))
         self._wake.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        refused = [f"{topic} ({code})" for topic, code in zip(self._commands.topics, reason_codes) if code.is_failure]
+        if refused:
+            self._record_error(f"the broker refused the command subscription(s) {', '.join(refused)}: triggers, "
+                               "product/set and questions on them are not received; check the broker's ACL for this "
+                               "client", failure=False)
+        self._commands_live = not refused
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._commands.dispatch(message.topic, message.payload, message.retain)
