@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 
 from .config.evidence import EvidenceConfig
+from .files import TMP_SUFFIX, write_atomic
 from .localize import overlay
 from .mqtt.payloads import result_payload
 from .records import Inspection, is_inspection_id
@@ -56,7 +57,6 @@ MAP_SUFFIX = ".map.png"
 JSON_SUFFIX = ".json"
 CHAT_SUFFIX = ".chat.jsonl"  # follow-up questions and answers (vlm/followup.py), deleted with the entry
 SUFFIXES = (FRAME_SUFFIX, OVERLAY_SUFFIX, MAP_SUFFIX, JSON_SUFFIX, CHAT_SUFFIX)
-TMP_SUFFIX = ".tmp"
 
 _DAY_RE = re.compile(r"^\d{8}$")
 # Frames waiting for the writer are bounded in bytes too: 32 queued 1080p frames with maps are ~200 MB.
@@ -423,21 +423,21 @@ class EvidenceStore:
             ok, frame_jpeg = cv2.imencode(".jpg", job.frame, quality)
             if not ok:
                 raise ValueError(f"could not encode frame of shape {np.shape(job.frame)} as JPEG")
-            written.append(_write_atomic(stem.with_name(stem.name + FRAME_SUFFIX), frame_jpeg.tobytes()))
+            written.append(write_atomic(stem.with_name(stem.name + FRAME_SUFFIX), frame_jpeg.tobytes(), durable=False))
             overlay = job.overlay if job.overlay is not None else self._make_overlay(job)
             evidence: dict[str, Any] = {"frame": job.inspection_id + FRAME_SUFFIX, "saved_at": round(time.time(), 3)}
             if overlay is not None:
                 ok, overlay_jpeg = cv2.imencode(".jpg", overlay, quality)
                 if ok:
-                    written.append(_write_atomic(stem.with_name(stem.name + OVERLAY_SUFFIX), overlay_jpeg.tobytes()))
+                    written.append(write_atomic(stem.with_name(stem.name + OVERLAY_SUFFIX), overlay_jpeg.tobytes(), durable=False))
                     evidence["overlay"] = job.inspection_id + OVERLAY_SUFFIX
             if job.anomaly_map is not None:
                 png, (lo, hi) = encode_map_png(job.anomaly_map)
-                written.append(_write_atomic(stem.with_name(stem.name + MAP_SUFFIX), png))
+                written.append(write_atomic(stem.with_name(stem.name + MAP_SUFFIX), png, durable=False))
                 evidence["map"] = job.inspection_id + MAP_SUFFIX
                 evidence["map_range"] = [lo, hi]
             body = dict(job.payload, evidence=evidence)
-            written.append(_write_atomic(stem.with_name(stem.name + JSON_SUFFIX), _json_bytes(body)))
+            written.append(write_atomic(stem.with_name(stem.name + JSON_SUFFIX), _json_bytes(body), durable=False))
         except (OSError, ValueError) as exc:
             for path in written:
                 _unlink(path)
@@ -475,7 +475,7 @@ class EvidenceStore:
             body.setdefault("evidence", {})["updated_at"] = round(time.time(), 3)
             data = _json_bytes(body)
             old_size = _size(path)
-            _write_atomic(path, data)
+            write_atomic(path, data, durable=False)
         except (OSError, ValueError) as exc:
             self._count("failed", f"evidence update of {job.inspection_id} not saved: {exc}")
             return
@@ -580,18 +580,6 @@ class EvidenceStore:
             self._last_error = message
         if not logged and (count == 1 or count % 100 == 0):
             log.warning("%s (%s #%d)", message, counter, count)
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    tmp = path.with_name("." + path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    return path
 
 
 def _json_bytes(body: dict[str, Any]) -> bytes:

@@ -35,6 +35,18 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file and folder below `folder` (a folder written in full, then renamed into place)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
 def temporary_name(path: Path) -> Path:
     """The hidden sibling a file is written to before its rename; unique per process so two writers of
     the same file never share one."""

@@ -61,9 +61,9 @@ def _test_engines_cache() -> Path:
 def backbone_onnx(tmp_path_factory) -> Path:
     """The backbone ONNX exported from the pretrained weights (needs torch once, ~3 s), cached across runs
     under a folder keyed by the weights' sha256 so a new weights release is exported again."""
+    from edge_inspect.calibration.artifacts import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
     from edge_inspect.export.weights import pretrained_weights_path
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
 
     try:
         source = pretrained_weights_path()
@@ -91,7 +91,7 @@ def backbone_onnx(tmp_path_factory) -> Path:
 def engines_factory(backbone_onnx):
     """Call with a folder: makes it an engines dir whose backbone is the cached one (a symlink), so each
     test writes its own scorer graphs without exporting the backbone again."""
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE
+    from edge_inspect.calibration.artifacts import BACKBONE_FILE
 
     def make(folder: Path) -> Path:
         link = Path(folder) / BACKBONE_FILE
@@ -121,7 +121,7 @@ def calibrated_product(tmp_path_factory, engines_factory) -> dict:
     """Product `coin` calibrated with `edge-inspect calibrate` (default scorer settings) from 8 generated
     good images; the dataset's held-out good images and defects (with masks) come along."""
     from edge_inspect import cli
-    from edge_inspect.scorer.synth import generate_dataset
+    from edge_inspect.offline.datasets.generate import generate_dataset
 
     pytest.importorskip("skimage", reason="the generated dataset is rendered from scikit-image photos")
     root = tmp_path_factory.mktemp("coin-product")

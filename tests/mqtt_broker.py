@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import uuid
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +242,8 @@ class MessageCollector:
     """A paho subscriber that records every message. persistent=True keeps its session across disconnects
     (MQTT 5 clean_start=False with a session expiry, or 3.1.1 clean_session=False)."""
 
+    BARRIER_TOPIC = "edge-inspect-tests/barrier"
+
     def __init__(self, port: int, topics: list[str], client_id: str | None = None, persistent: bool = False,
                  protocol: str = "5", host: str = "127.0.0.1"):
         import paho.mqtt.client as mqtt
@@ -252,6 +255,7 @@ class MessageCollector:
         self.topics = topics
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
+        self._markers: dict[bytes, threading.Event] = {}
         self.connects = 0
         v5 = protocol == "5"
         self.client = mqtt.Client(
@@ -278,9 +282,15 @@ class MessageCollector:
         if reason_code.is_failure:
             return
         self.connects += 1
-        client.subscribe([(topic, 1) for topic in self.topics])
+        client.subscribe([(topic, 1) for topic in [*self.topics, self.BARRIER_TOPIC]])
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == self.BARRIER_TOPIC:
+            with self._lock:
+                marker = self._markers.get(bytes(message.payload))
+            if marker is not None:
+                marker.set()
+            return
         with self._lock:
             self.messages.append(Received(message.topic, bytes(message.payload), bool(message.retain), time.perf_counter()))
 
@@ -288,18 +298,34 @@ class MessageCollector:
         if not self._subscribed.wait(timeout):
             raise TimeoutError("the collector did not get its SUBACK")
 
+    def barrier(self, timeout: float = 30.0) -> None:
+        """Return once every message the broker took in before this call has reached this collector.
+
+        A marker published now by this collector is delivered to it after everything the broker queued
+        for it before (the broker handles messages one at a time, in order). So "nothing more arrives"
+        is checked as: what must have been sent was acknowledged, then barrier(), then count, instead
+        of sleeping and hoping."""
+        marker = uuid.uuid4().hex.encode()
+        arrived = threading.Event()
+        with self._lock:
+            self._markers[marker] = arrived
+        self.client.publish(self.BARRIER_TOPIC, marker, qos=1)
+        if not arrived.wait(timeout):
+            raise TimeoutError("the barrier marker did not come back from the broker")
+
     def on(self, topic: str) -> list[Received]:
         with self._lock:
             return [m for m in self.messages if m.topic == topic]
 
     def wait_for(self, predicate, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """wait_until(predicate(messages so far)): the suite's one wait (conftest)."""
+        from conftest import wait_until
+
+        def check() -> bool:
             with self._lock:
-                if predicate(list(self.messages)):
-                    return True
-            time.sleep(0.02)
-        return False
+                return bool(predicate(list(self.messages)))
+
+        return wait_until(check, timeout)
 
     def close(self) -> None:
         self.client.disconnect()

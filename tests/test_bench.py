@@ -14,7 +14,7 @@ import pytest
 
 from edge_inspect import cli
 from edge_inspect.offline.bench import Latency, time_calls
-from edge_inspect.scorer.versions import active_directory
+from edge_inspect.scorer.layout import active_directory
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("scorer_p50_ms", "scorer_p99_ms", "reference_p50_ms", "reference_p99_ms", "speedup")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import wait_until
 
 from edge_inspect.errors import UserError
 from edge_inspect.ops.demo_broker import ensure_broker, port_open
@@ -56,14 +56,13 @@ class _Client:
         info.wait_for_publish(5)
         assert info.is_published(), "no PUBACK"
 
-    def wait_for(self, count: int, timeout: float = 5.0, topic: str | None = None) -> list[mqtt.MQTTMessage]:
+    def matching(self, topic: str | None = None) -> list[mqtt.MQTTMessage]:
+        return [m for m in self.messages if topic is None or m.topic == topic]
+
+    def wait_for(self, count: int, timeout: float = 10.0, topic: str | None = None) -> list[mqtt.MQTTMessage]:
         """The messages (on `topic`, when given) once there are `count` of them or the time is up."""
-        deadline = time.monotonic() + timeout
-        while True:
-            matching = [m for m in self.messages if topic is None or m.topic == topic]
-            if len(matching) >= count or time.monotonic() > deadline:
-                return matching
-            time.sleep(0.02)
+        wait_until(lambda: len(self.matching(topic)) >= count, timeout)
+        return self.matching(topic)
 
     def drop_connection(self) -> None:
         """Vanish without DISCONNECT, like a daemon killed or unplugged."""
@@ -75,7 +74,8 @@ class _Client:
         self.client.loop_stop()
 
 
-def _exercise(port: int) -> None:
+def _exercise(port: int, session_closed=lambda client_id: True) -> None:
+    """session_closed(client_id): the broker has processed that client's DISCONNECT."""
     device = _Client(port, "edge-inspect-line1", will=b"offline")
     device.publish("plant/line1/status", b"online", retain=True)
 
@@ -90,7 +90,7 @@ def _exercise(port: int) -> None:
     scada.close()
     # amqtt drops a QoS 1 message that is in flight to a client while it disconnects instead of
     # keeping it for the session (github.com/Yakifo/amqtt/issues/401): let the DISCONNECT land first.
-    time.sleep(0.5)
+    assert wait_until(lambda: session_closed("scada"))
     for i in range(200, 205):  # subscriber offline: the broker queues QoS 1 for its persistent session
         device.publish("plant/line1/result", b"%d" % i)
     back = _Client(port, "scada", clean_session=False)
@@ -98,9 +98,7 @@ def _exercise(port: int) -> None:
     assert [int(m.payload) for m in back.wait_for(5, topic="plant/line1/result")] == list(range(200, 205))
 
     device.drop_connection()  # last will, retained
-    deadline = time.monotonic() + 5
-    while b"offline" not in [m.payload for m in back.messages] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert wait_until(lambda: b"offline" in [m.payload for m in back.messages])
     status = [m.payload for m in back.wait_for(0, topic="plant/line1/status")]
     assert status[-1] == b"offline" and set(status) <= {b"offline", b"online"}  # amqtt re-sends "online" on resume
     late = _Client(port, "late")
@@ -111,6 +109,12 @@ def _exercise(port: int) -> None:
     late.close()
 
 
+def _amqtt_session_closed(handle, client_id: str) -> bool:
+    """amqtt's own view of a client's session (its broker runs in this process)."""
+    entry = handle._broker._sessions.get(client_id)
+    return entry is not None and entry[0].transitions.state == "disconnected"
+
+
 def test_amqtt_broker_serves_paho_clients_and_stops():
     pytest.importorskip("amqtt", reason="amqtt not installed (pip install amqtt)")
     port = _free_port()
@@ -118,7 +122,7 @@ def test_amqtt_broker_serves_paho_clients_and_stops():
     assert handle is not None and handle.kind == "amqtt" and handle.running()
     try:
         assert ensure_broker("127.0.0.1", port) is None  # already served: nothing started
-        _exercise(port)
+        _exercise(port, lambda client_id: _amqtt_session_closed(handle, client_id))
     finally:
         handle.stop()
     assert not handle.running()

@@ -17,9 +17,9 @@ import onnx
 import pytest
 
 from edge_inspect import cli
-from edge_inspect.scorer.calibrate import BACKBONE_FILE
+from edge_inspect.calibration.artifacts import BACKBONE_FILE
+from edge_inspect.scorer.layout import active_directory
 from edge_inspect.scorer.product import load_product
-from edge_inspect.scorer.versions import active_directory
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--size", "64", "--bank-size", "64"]
@@ -33,7 +33,11 @@ def _sha256(path: Path) -> str:
 def bricks() -> list[np.ndarray]:
     """Ten generated good bricks, 96 px."""
     pytest.importorskip("skimage")
-    from edge_inspect.scorer.synth import CATEGORIES, load_photo, render_good
+    from edge_inspect.offline.datasets.generate import (
+        CATEGORIES,
+        load_photo,
+        render_good,
+    )
 
     photo, spec = load_photo("brick"), CATEGORIES["brick"]
     return [render_good(photo, spec, np.random.default_rng(seed), 96) for seed in range(10)]
@@ -219,7 +223,8 @@ def test_command_line_exit_code_is_2_for_user_errors(tmp_path):
 def test_score_many_matches_one_at_a_time_and_views_alternate():
     import numpy as np
 
-    from edge_inspect.scorer.calibrate import NUISANCE, nuisance_views, score_many, score_patches
+    from edge_inspect.calibration.views import NUISANCE, nuisance_views
+    from edge_inspect.scorer.anomaly_map import score_many, score_patches
     from edge_inspect.scorer.params import ScorerParams
 
     rng = np.random.default_rng(0)

@@ -19,8 +19,8 @@ import cv2
 import jsonschema
 import numpy as np
 import pytest
-from conftest import wait_until
 import yaml
+from conftest import wait_until
 from mqtt_broker import MessageCollector, MosquittoBroker, free_port, mosquitto_binary
 from test_capture import MjpegCamera
 
@@ -58,9 +58,9 @@ def product(tmp_path_factory, pytestconfig):
     (one result per frame, verdicts, reloads), so every frame must be clearly OK or clearly NG. Held-out
     good parts at 4 shots and 128 px sit close to the threshold; the scorer's own tests and
     `edge-inspect evaluate` measure that."""
+    from edge_inspect.calibration.artifacts import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
-    from edge_inspect.scorer.synth import generate_dataset
+    from edge_inspect.offline.datasets.generate import generate_dataset
 
     cache_plugin = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
     cache = Path(cache_plugin.mkdir("edge-inspect-backbone")) if cache_plugin else tmp_path_factory.mktemp("backbone")
@@ -244,10 +244,10 @@ def test_every_frame_yields_exactly_one_result(tmp_path, product, mosquitto_brok
     )
     with MessageCollector(mosquitto_broker.port, [RESULT, STATUS]) as collector:
         collector.wait_subscribed()
-        daemon = daemons(config, {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000"})
+        daemon = daemons(config, {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "10000000"})
         assert daemon.wait(60) == 0, daemon.log  # a replay without loop ends the run by itself
         assert collector.wait_for(lambda msgs: sum(m.topic == RESULT for m in msgs) >= 16, 10)
-        time.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        collector.barrier()  # the daemon is gone: anything extra (a duplicate) has arrived by now
         got = results(collector)
     assert sorted(r["frame_id"] for r in got) == list(range(1, 17)), daemon.log
     assert len({r["inspection_id"] for r in got}) == 16
@@ -277,7 +277,7 @@ def test_sighup_reload_product_switch_and_sigterm_drain(tmp_path, product, mosqu
     config = write_config(tmp_path, product, mosquitto_broker.port, source=source, trigger={"mode": "every_frame"})
     with MessageCollector(mosquitto_broker.port, [RESULT, STATUS, STATS]) as collector:
         collector.wait_subscribed()
-        daemon = daemons(config, {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "400000"})
+        daemon = daemons(config, {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "10000000"})
         assert wait_until(lambda: notify_socket.count("READY=1") >= 1), daemon.log
         assert wait_until(lambda: notify_socket.count("WATCHDOG=1") >= 2), daemon.log
         assert wait_until(lambda: len(results(collector)) >= 5), daemon.log
@@ -341,13 +341,14 @@ def test_mqtt_trigger_echoes_part_ids_and_ignores_malformed(tmp_path, product, m
         for payload in (b'{"part_id": "A-1001"}', b"{not json", b'{"part_id": "A-1002"}', b'{"serial": 5}', b"{}", b""):
             collector.client.publish(trigger, payload, qos=1)
         assert wait_until(lambda: len(results(collector)) >= 3), daemon.log
-        time.sleep(0.5)
-        got = results(collector)
-        assert sorted((r["part_id"] or "") for r in got) == ["", "A-1001", "A-1002"]
+        # Every command was handled (3 triggers taken, 3 malformed) and the daemon stopped: no result can follow.
         assert wait_until(lambda: (latest_stats(collector) or {}).get("mqtt", {}).get("malformed_commands") == 3)
-        assert latest_stats(collector)["pipeline"]["cameras"]["cam0"]["triggers"] == 3
+        assert wait_until(lambda: latest_stats(collector)["pipeline"]["cameras"]["cam0"]["triggers"] == 3)
         daemon.send(signal.SIGTERM)
         assert daemon.wait(30) == 0
+        collector.barrier()
+        got = results(collector)
+        assert sorted((r["part_id"] or "") for r in got) == ["", "A-1001", "A-1002"]
 
 
 def test_source_failing_mid_run_reconnects(tmp_path, product, mosquitto_broker, daemons):
@@ -493,7 +494,7 @@ def test_ng_results_carry_evidence_and_get_exactly_one_vlm_update(tmp_path, prod
         assert daemon.wait(60) == 0, daemon.log  # the replay ends the run once the VLM has answered
         ng_count = sum(defective)
         assert collector.wait_for(lambda msgs: sum(m.topic == update_topic for m in msgs) >= ng_count, 10), daemon.log
-        time.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        collector.barrier()  # the daemon is gone: anything extra (a duplicate) has arrived by now
         messages = [m for m in collector.messages if m.topic in (RESULT, update_topic)]
 
     got = [m.json() for m in messages if m.topic == RESULT]

@@ -27,8 +27,8 @@ ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\S+) / (\S+)\s+(OK|NG)\s*(.*)$")
 @pytest.fixture(scope="module")
 def engines(pytestconfig, tmp_path_factory) -> Path:
     """The backbone ONNX, exported once and cached like tests/test_daemon.py does."""
+    from edge_inspect.calibration.artifacts import ensure_backbone
     from edge_inspect.errors import UserError
-    from edge_inspect.scorer.calibrate import ensure_backbone
 
     cache_plugin = getattr(pytestconfig, "cache", None)
     cache = Path(cache_plugin.mkdir("edge-inspect-backbone")) if cache_plugin else tmp_path_factory.mktemp("backbone")

@@ -15,7 +15,14 @@ import yaml
 from skimage import data as skdata
 
 from edge_inspect import cli
-from edge_inspect.ops.doctor import CheckResult, DoctorContext, exit_code, format_table, read_gguf_header, run_checks
+from edge_inspect.ops.doctor import (
+    CheckResult,
+    DoctorContext,
+    exit_code,
+    format_table,
+    read_gguf_header,
+    run_checks,
+)
 
 
 def _free_port() -> int:
@@ -35,8 +42,8 @@ def frames(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, pytestconfig) -> dict[str, Path]:
     """Product `cup` calibrated with `edge-inspect calibrate` from four real photos of the same cup."""
+    from edge_inspect.calibration.artifacts import BACKBONE_FILE, ensure_backbone
     from edge_inspect.errors import UserError
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
 
     cache_plugin = getattr(pytestconfig, "cache", None)
     cache = Path(cache_plugin.mkdir("edge-inspect-backbone")) if cache_plugin else tmp_path_factory.mktemp("backbone")

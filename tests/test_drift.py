@@ -10,21 +10,27 @@ import json
 import logging
 import shutil
 import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
 import numpy as np
 import pytest
+from conftest import wait_until
 from mqtt_broker import MessageCollector, mosquitto_binary
-from test_daemon import RESULT, STATS, Daemon, NotifySocket, latest_stats, results, wait_until, write_config
+from test_daemon import (
+    RESULT,
+    STATS,
+    Daemon,
+    NotifySocket,
+    latest_stats,
+    results,
+    write_config,
+)
 
-from edge_inspect.config import ThresholdConfig, parse_config
-from edge_inspect.daemon.drift import (
-    DriftMonitor,
+from edge_inspect.calibration import store
+from edge_inspect.calibration.threshold import (
     Reference,
-    ScoreWindow,
     adapt_decision,
     adapted_threshold,
     calibration_reference,
@@ -33,8 +39,10 @@ from edge_inspect.daemon.drift import (
     robust_spread,
     window_summary,
 )
+from edge_inspect.config import ThresholdConfig, parse_config
+from edge_inspect.daemon.drift import DriftMonitor, ScoreWindow
 from edge_inspect.mqtt.payloads import load_schema, stats_payload
-from edge_inspect.scorer import versions
+from edge_inspect.scorer import layout
 
 # A calibration whose good parts score around 10 (spread 0.5, the 5 % floor), threshold 15: a margin of 10 spreads.
 GOOD = [9.0, 9.5, 10.0, 10.0, 10.5, 11.0, 9.8, 10.2, 10.1, 9.9]
@@ -299,13 +307,13 @@ def _calibrate(cal_dir: Path, product: str = "p", threshold: float = T_CAL) -> i
         (folder / "threshold.json").write_text(json.dumps(_doc(threshold)))
         return {"bank": {"sha256": "b1"}, "threshold": threshold, "calibration_id": "p@1"}
 
-    with versions.product_lock(cal_dir, product):
-        return versions.commit_version(cal_dir, product, write, change={"change": "calibrate", "by": "test"})
+    with store.product_lock(cal_dir, product):
+        return store.commit_version(cal_dir, product, write, change={"change": "calibrate", "by": "test"})
 
 
 def _loaded(cal_dir: Path, product: str = "p") -> SimpleNamespace:
     """What the pipeline hands the monitor: a ProductCalibration's fields."""
-    number = versions.current_version(cal_dir, product)
+    number = layout.current_version(cal_dir, product)
     directory = cal_dir / product / "versions" / str(number)
     doc = json.loads((directory / "threshold.json").read_text())
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -321,10 +329,10 @@ def test_monitor_commits_an_adapt_version_with_its_bounds_then_swaps(tmp_path):
     calibration = _loaded(cal_dir)
     for _ in range(5):
         monitor.observe(calibration, M0 - 2.0, False)  # scores well below calibration: the threshold comes down
-    assert _wait(lambda: swapped == ["p"])
-    assert _wait(lambda: not monitor.window("p").pending)
-    assert versions.current_version(cal_dir, "p") == 2
-    history = versions.history(cal_dir, "p")
+    assert wait_until(lambda: swapped == ["p"])
+    assert wait_until(lambda: not monitor.window("p").pending)
+    assert layout.current_version(cal_dir, "p") == 2
+    history = store.history(cal_dir, "p")
     assert history[-1]["change"] == "threshold_adapt" and history[-1]["by"] == "threshold.adapt"
     assert "->" in history[-1]["why"] and "median" in history[-1]["why"]
     adapted = _loaded(cal_dir)
@@ -343,7 +351,7 @@ def test_monitor_commits_an_adapt_version_with_its_bounds_then_swaps(tmp_path):
     for _ in range(10):
         monitor.observe(adapted, M0 - 2.0, False)
     monitor.stop()
-    assert versions.current_version(cal_dir, "p") == 2
+    assert layout.current_version(cal_dir, "p") == 2
     payload = stats_payload("s1", {"drift": monitor.snapshot()}, {"connected": True, "broker": "b", "spool_depth": 0,
                             "spool_bytes": 0, "spool_oldest_age_s": None, "dropped": 0, "dropped_ok": 0,
                             "dropped_update": 0, "dropped_ng": 0, "malformed_commands": 0, "last_seq": 0})
@@ -360,7 +368,7 @@ def test_a_step_computed_on_a_version_that_is_no_longer_active_is_dropped(tmp_pa
     monitor = DriftMonitor(window.config, cal_dir, swap=swapped.append)
     caplog.set_level(logging.INFO, logger="edge_inspect.daemon.drift")
     assert monitor.apply(step) is False
-    assert versions.current_version(cal_dir, "p") == 2 and swapped == []
+    assert layout.current_version(cal_dir, "p") == 2 and swapped == []
     assert any("changed meanwhile" in r.getMessage() for r in caplog.records)
 
 
@@ -375,7 +383,7 @@ def test_a_scorer_that_does_not_load_leaves_the_version_and_says_so(tmp_path, ca
 
     caplog.set_level(logging.INFO, logger="edge_inspect.daemon.drift")
     assert DriftMonitor(window.config, cal_dir, swap=broken).apply(step) is True
-    assert versions.current_version(cal_dir, "p") == 2
+    assert layout.current_version(cal_dir, "p") == 2
     assert any("did not load" in r.getMessage() and "reload" in r.getMessage() for r in caplog.records)
 
 
@@ -413,15 +421,6 @@ def test_threshold_config_defaults_and_errors():
     with pytest.raises(Exception) as info:
         parse_config(BASE_CONFIG + "threshold: {adapt_max_drop: 1.0}\n")
     assert "threshold.adapt_max_drop" in str(info.value)
-
-
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 # --- the daemon: a replay source, a real broker, a calibrated product ------------------------------
@@ -528,7 +527,7 @@ def test_a_focus_drift_raises_the_alarm_in_stats_status_and_log(tmp_path, own_pr
             notify.assignments()[-5:]
         daemon.send(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log
-    assert versions.current_version(own_product["calibration_dir"], "coin") == 1  # adapt is off: nothing written
+    assert layout.current_version(own_product["calibration_dir"], "coin") == 1  # adapt is off: nothing written
 
 
 @needs_broker
@@ -560,7 +559,7 @@ def test_threshold_adapt_writes_a_version_and_the_results_carry_it(tmp_path, own
         assert all(r["calibration_version"] == 2 and r["threshold"] == pytest.approx(floor, rel=1e-6) for r in got[first:])
         assert all(r["verdict"] == "OK" for r in got)
         # The version: written by threshold.adapt, why = the numbers, the bounds in its evidence.
-        last = versions.history(cal_dir, "coin")[-1]
+        last = store.history(cal_dir, "coin")[-1]
         assert last["number"] == 2 and last["active"] and last["change"] == "threshold_adapt" and last["by"] == "threshold.adapt"
         assert last["threshold"] == pytest.approx(floor) and "median" in last["why"] and "clamped" in last["why"]
         evidence = json.loads((cal_dir / "coin" / "versions" / "2" / "threshold.json").read_text())["evidence"]
@@ -578,4 +577,4 @@ def test_threshold_adapt_writes_a_version_and_the_results_carry_it(tmp_path, own
         jsonschema.validate(latest_stats(collector), load_schema("stats"))
         daemon.send(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log
-    assert versions.current_version(cal_dir, "coin") == 2
+    assert layout.current_version(cal_dir, "coin") == 2

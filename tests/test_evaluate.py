@@ -23,7 +23,7 @@ def _strict_json(text: str) -> dict:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     pytest.importorskip("skimage")
-    from edge_inspect.scorer.synth import generate_dataset
+    from edge_inspect.offline.datasets.generate import generate_dataset
 
     return generate_dataset(
         tmp_path_factory.mktemp("evaluate"), "coin", n_train=6, n_test_good=3, n_test_defect=2, size=128, seed=2,

@@ -17,6 +17,7 @@ import cv2
 import jsonschema
 import numpy as np
 import pytest
+from conftest import wait_until
 from mqtt_broker import MessageCollector, mosquitto_binary
 from test_daemon import (  # noqa: F401 - daemons: the fixture that runs `edge-inspect run` subprocesses
     PREFIX,
@@ -26,17 +27,27 @@ from test_daemon import (  # noqa: F401 - daemons: the fixture that runs `edge-i
     latest_stats,
     paint_defect,
     results,
-    wait_until,
     write_config,
 )
 
 from edge_inspect import cli
+from edge_inspect.calibration import store
+from edge_inspect.calibration.calibrate import REFIT_EVIDENCE, rollback_product
 from edge_inspect.config import CameraConfig
 from edge_inspect.config.evidence import EvidenceConfig
 from edge_inspect.config.feedback import FeedbackConfig
 from edge_inspect.evidence import EvidenceStore
-from edge_inspect.feedback.apply import FeedbackApplier, FeedbackOutcome, error_body, result_body
-from edge_inspect.feedback.defects import DefectStore, good_loo_scores, labelled_defect_report
+from edge_inspect.feedback.apply import (
+    FeedbackApplier,
+    FeedbackOutcome,
+    error_body,
+    result_body,
+)
+from edge_inspect.feedback.defects import (
+    DefectStore,
+    good_loo_scores,
+    labelled_defect_report,
+)
 from edge_inspect.feedback.ledger import FeedbackLedger
 from edge_inspect.feedback.service import FeedbackService
 from edge_inspect.mqtt.feedback import (
@@ -48,8 +59,7 @@ from edge_inspect.mqtt.feedback import (
 )
 from edge_inspect.mqtt.payloads import load_schema
 from edge_inspect.records import Inspection, new_inspection_id
-from edge_inspect.scorer import versions
-from edge_inspect.scorer.calibrate import REFIT_EVIDENCE, rollback_product
+from edge_inspect.scorer import layout
 from edge_inspect.scorer.product import Scorer, load_product
 
 FEEDBACK = f"{PREFIX}/{STATION}/feedback"
@@ -341,7 +351,7 @@ def test_ok_on_an_ng_refits_once_records_who_and_why_and_is_never_applied_twice(
     (station.cal / PRODUCT / "feedback.jsonl").unlink()
     recovered = _applier(station).apply(request)
     assert (recovered.body["status"], recovered.body["calibration_version"], recovered.refitted) == ("duplicate", 2, None)
-    assert versions.version_numbers(station.cal, PRODUCT) == [1, 2]
+    assert layout.version_numbers(station.cal, PRODUCT) == [1, 2]
     assert FeedbackLedger(station.cal, PRODUCT).find(inspection_id)["recovered"] is True
 
 
@@ -376,7 +386,7 @@ def test_ng_is_kept_as_a_labelled_defect_and_reported_per_type(station, capsys):
     for body in bodies:
         _validate(feedback_result_payload(STATION, body) if "schema_version" not in body else body)
         assert body["status"] == "applied" and body["calibration_version"] == body["previous_version"] == 1
-    assert versions.current_version(station.cal, PRODUCT) == 1  # no new version for an ng
+    assert layout.current_version(station.cal, PRODUCT) == 1  # no new version for an ng
 
     store = DefectStore(station.cal, PRODUCT)
     entries = store.entries()
@@ -446,12 +456,12 @@ def test_feedback_errors_name_the_problem_and_change_nothing(station):
 
     # Recalibrated from scratch after the inspection was scored: its verdict belongs to another calibration.
     source = station.cal / PRODUCT / "versions" / "1"
-    with versions.product_lock(station.cal, PRODUCT):
-        versions.commit_version(station.cal, PRODUCT, lambda folder: versions.copy_version_files(source, folder),
+    with store.product_lock(station.cal, PRODUCT):
+        store.commit_version(station.cal, PRODUCT, lambda folder: store.copy_version_files(source, folder),
                                 {"change": "calibrate", "by": "test", "why": "new fixture"})
     body = applier.apply(_parse(inspection_id=inspection_id, verdict="ok")).body
     assert body["error_code"] == "product_changed" and "recalibrated" in body["error"], body
-    assert versions.version_numbers(station.cal, PRODUCT) == [1, 2] and not FeedbackLedger(station.cal, PRODUCT).entries()
+    assert layout.version_numbers(station.cal, PRODUCT) == [1, 2] and not FeedbackLedger(station.cal, PRODUCT).entries()
     assert code(_parse(inspection_id=_store(station, frame, version=2), verdict="ng")) == "applied"
     # A rollback to version 1 makes inspections scored by version 1 current again.
     rollback_product(station.cal, PRODUCT, station.engines, to=1, by="test")
@@ -536,7 +546,7 @@ def test_ok_feedback_is_applied_once_goes_live_and_survives_a_restart(tmp_path, 
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # every frame published, across the swap
     versions_seen = [r["calibration_version"] for r in sorted(first_run, key=lambda r: r["seq"])]
     assert versions_seen == sorted(versions_seen)  # 1 ... 1, 2 ... 2: one swap, never back
-    assert versions.version_numbers(cal, PRODUCT) == [1, 2]
+    assert layout.version_numbers(cal, PRODUCT) == [1, 2]
     ledger = FeedbackLedger(cal, PRODUCT).entries()
     assert [(e["inspection_id"], e["verdict"], e["calibration_version"]) for e in ledger] == [(ng["inspection_id"], "ok", 2)]
 
@@ -554,7 +564,7 @@ def test_ok_feedback_is_applied_once_goes_live_and_survives_a_restart(tmp_path, 
         assert "unknown_inspection" in capsys.readouterr().err
         daemon.send(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log
-    assert versions.version_numbers(cal, PRODUCT) == [1, 2] and len(FeedbackLedger(cal, PRODUCT).entries()) == 1
+    assert layout.version_numbers(cal, PRODUCT) == [1, 2] and len(FeedbackLedger(cal, PRODUCT).entries()) == 1
 
 
 @pytest.mark.slow
@@ -591,7 +601,7 @@ def test_feedback_errors_come_back_on_the_result_topic_with_codes(tmp_path, line
     assert switched["error_code"] == "product_changed" and "coin-b" in switched["error"]
     assert switched["product"] == PRODUCT and switched["camera"] == "cam0"
     cal = line["calibration_dir"]
-    assert versions.version_numbers(cal, PRODUCT) == [1] and not FeedbackLedger(cal, PRODUCT).entries()
+    assert layout.version_numbers(cal, PRODUCT) == [1] and not FeedbackLedger(cal, PRODUCT).entries()
 
 
 @pytest.mark.slow
@@ -612,9 +622,9 @@ def test_a_flood_of_feedback_is_rate_limited_and_bounded_while_scoring_goes_on(t
         before = len(results(collector))
         assert wait_until(lambda: len(_feedback_results(collector)) >= flood, 180), (len(_feedback_results(collector)), daemon.log)
         assert wait_until(lambda: len(results(collector)) >= before + 8, 120), daemon.log  # two more replay loops: scoring went on
-        time.sleep(0.3)  # a second result for any message would arrive now
         daemon.send(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log
+        collector.barrier()  # the daemon is gone: a second result for any message has arrived by now
     answers = _feedback_results(collector)
     for answer in answers:
         _validate(answer)
@@ -628,6 +638,6 @@ def test_a_flood_of_feedback_is_rate_limited_and_bounded_while_scoring_goes_on(t
     assert codes.count("applied") + codes.count("duplicate") >= 2 and codes.count("queue_full") <= burst - 2, passed
     entries = FeedbackLedger(line["calibration_dir"], PRODUCT).entries()
     assert [(e["inspection_id"], e["verdict"], e["defect_type"]) for e in entries] == [(ng["inspection_id"], "ng", "paint")]
-    assert versions.version_numbers(line["calibration_dir"], PRODUCT) == [1]
+    assert layout.version_numbers(line["calibration_dir"], PRODUCT) == [1]
     seqs = sorted(r["seq"] for r in results(collector))
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_inspect.scorer.params import ScorerParams, image_score
+from edge_inspect.scorer.anomaly_map import image_score
+from edge_inspect.scorer.params import ScorerParams
 
 REPO = Path(__file__).resolve().parents[1]
 RELATIVE_TOLERANCE = 1e-3
@@ -34,11 +35,20 @@ def parity(backbone_onnx):
     import onnxruntime as ort
     import torch
 
+    from edge_inspect.calibration.defects import inject_defect
     from edge_inspect.export.reference import ReferenceScorer, load_reference_backbone
     from edge_inspect.imageio import to_input
+    from edge_inspect.offline.datasets.generate import (
+        CATEGORIES,
+        load_photo,
+        render_good,
+    )
     from edge_inspect.scorer.memory_bank import features_to_patches, greedy_coreset
-    from edge_inspect.scorer.scorer_graph import build_features_model, build_scorer_model, folded_from_model
-    from edge_inspect.scorer.synth import CATEGORIES, inject_defect, load_photo, render_good
+    from edge_inspect.scorer.scorer_graph import (
+        build_features_model,
+        build_scorer_model,
+        folded_from_model,
+    )
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # OpenMP threads spin badly on a busy shared CPU; results are the same
@@ -104,7 +114,11 @@ def test_layer_scales_are_applied_the_same_way(parity, backbone_onnx):
     import onnxruntime as ort
 
     from edge_inspect.export.reference import ReferenceScorer
-    from edge_inspect.scorer.scorer_graph import build_features_model, build_scorer_model, folded_from_model
+    from edge_inspect.scorer.scorer_graph import (
+        build_features_model,
+        build_scorer_model,
+        folded_from_model,
+    )
 
     torch = parity["torch"]
     params = dataclasses.replace(parity["params"], layer_scales=tuple(0.5 * (i + 1) for i in range(len(parity["params"].taps))))
@@ -128,7 +142,10 @@ def test_layer_scales_are_applied_the_same_way(parity, backbone_onnx):
 def test_numpy_twin_of_the_graph_tail_matches_the_graph(parity, which):
     """calibrate.score_patches (nearest_distances + anomaly_map_from_distances) sets the threshold, the
     graph scores frames: they must agree or the threshold is set on a different scale."""
-    from edge_inspect.scorer.calibrate import anomaly_map_from_distances, score_patches
+    from edge_inspect.scorer.anomaly_map import (
+        anomaly_map_from_distances,
+        score_patches,
+    )
     from edge_inspect.scorer.memory_bank import nearest_distances
 
     x = parity["inputs"][which]
@@ -146,7 +163,7 @@ def test_numpy_twin_of_the_graph_tail_matches_the_graph(parity, which):
 
 def test_anomaly_map_tail_on_a_single_hot_patch():
     """The twin's upsampling + smoothing on a known input: mass stays where the patch was."""
-    from edge_inspect.scorer.calibrate import anomaly_map_from_distances
+    from edge_inspect.scorer.anomaly_map import anomaly_map_from_distances
 
     params = ScorerParams()
     H, W = params.input_size
@@ -189,10 +206,11 @@ def test_runtime_path_does_not_import_torch(tmp_path, engines_factory):
         import json, sys
         from pathlib import Path
         import cv2
-        from edge_inspect.scorer import calibrate, product as scoring, scorer_graph as graph
+        from edge_inspect.calibration import calibrate, fit
+        from edge_inspect.scorer import product as scoring, scorer_graph as graph
         from edge_inspect.scorer.params import ScorerParams
         images = sorted(Path({str(goods)!r}).glob("*.png"))
-        options = calibrate.CalibrationOptions(params=ScorerParams(input_size=(64, 64)), bank_size=64, synthetic_per_image=1)
+        options = fit.CalibrationOptions(params=ScorerParams(input_size=(64, 64)), bank_size=64, synthetic_per_image=1)
         product = calibrate.calibrate_product(images, "plain", {str(tmp_path / "calibration")!r}, {str(engines)!r}, options, progress=False)
         scorer = scoring.Scorer(product, backend="onnxruntime", threads=1)
         result = scorer.score(cv2.imread(str(images[0])))
@@ -217,7 +235,7 @@ def test_calibration_projects_raw_features_into_the_graphs_space(parity, backbon
     import onnx
     import onnxruntime as ort
 
-    from edge_inspect.scorer.calibrate import feature_transform
+    from edge_inspect.calibration.fit import feature_transform
     from edge_inspect.scorer.params import output_dim, projection_matrix
     from edge_inspect.scorer.scorer_graph import build_features_model, folded_from_model
 

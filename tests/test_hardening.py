@@ -17,7 +17,7 @@ from edge_inspect.config import ConfigError, parse_config
 from edge_inspect.errors import CalibrationError
 from edge_inspect.mqtt.dispatch import CommandDispatcher, Route
 from edge_inspect.mqtt.payloads import parse_product_set, parse_trigger
-from edge_inspect.scorer.versions import active_directory
+from edge_inspect.scorer.layout import active_directory
 
 BASE = """\
 station: s1
@@ -405,9 +405,10 @@ def test_ffmpeg_options_are_not_locked_through_an_open():
 
 
 def test_spool_full_logs_the_running_total_including_drops_a_quiet_interval_hid(tmp_path, caplog):
+    from publisher_harness import synthetic_inspection
+
     from edge_inspect.config import MqttConfig, SpoolConfig
     from edge_inspect.mqtt.publisher import ResultPublisher
-    from publisher_harness import synthetic_inspection
 
     publisher = ResultPublisher(MqttConfig(host="127.0.0.1", port=1), SpoolConfig(path=str(tmp_path / "s.sqlite3"), max_rows=100), "s1")
     with caplog.at_level("WARNING"):

@@ -4,13 +4,13 @@ mosquitto on loopback. Damaged calibrations and bad commands give a clear error 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 
 import pytest
+from conftest import wait_until
 from mqtt_broker import MessageCollector, mosquitto_binary
-
-from edge_inspect.scorer.versions import active_directory
 from test_daemon import (  # noqa: F401 - fixtures
     PREFIX,
     RESULT,
@@ -20,10 +20,11 @@ from test_daemon import (  # noqa: F401 - fixtures
     latest_stats,
     product,
     results,
-    wait_until,
     write_config,
     write_frames,
 )
+
+from edge_inspect.scorer.layout import active_directory
 
 pytestmark = [
     pytest.mark.mosquitto,
@@ -156,9 +157,24 @@ def _without_fast_reconnect(config):
     return config
 
 
-def test_the_daemon_reconnects_within_seconds_of_the_broker_returning(tmp_path, product, mosquitto_factory, daemons):
-    import time
+def test_the_default_reconnect_back_off_is_capped_at_two_seconds(tmp_path):
+    """With paho's own default (doubling to 120 s) results stopped for up to two minutes after a broker came
+    back (16 s and 25 s measured with the old 30 s cap). The cap is what the client is given; how fast a
+    loaded machine then reconnects is a benchmark's business, not a test's."""
+    from edge_inspect.config.mqtt import MqttConfig, SpoolConfig
+    from edge_inspect.mqtt.publisher import ResultPublisher
 
+    config = MqttConfig()
+    assert config.reconnect_max_s == 2.0
+    publisher = ResultPublisher(config, SpoolConfig(path=str(tmp_path / "spool.sqlite3")), "line")
+    try:
+        client = publisher._make_client()
+        assert (client._reconnect_min_delay, client._reconnect_max_delay) == (config.reconnect_min_s, 2.0)
+    finally:
+        publisher.stop()
+
+
+def test_the_daemon_reconnects_after_a_long_broker_outage(tmp_path, product, mosquitto_factory, daemons):
     broker = mosquitto_factory()
     write_frames(tmp_path / "frames", product, 4, defect_every=0)
     source = {"type": "replay", "path": str(tmp_path / "frames"), "fps": 10, "loop": True}
@@ -166,13 +182,10 @@ def test_the_daemon_reconnects_within_seconds_of_the_broker_returning(tmp_path, 
     daemon = daemons(config)
     assert daemon.wait_log(r"connected to 127\.0\.0\.1", 120), daemon.log
     broker.stop()
-    time.sleep(16)  # long enough for a back-off doubling to 30 s to reach 16 s between attempts
+    # The outage lasts until the daemon has failed to reconnect many times (its back-off at its cap), not a time.
+    assert wait_until(lambda: daemon.log.count("refused; is the broker running") >= 6, 300), daemon.log
     broker.start()
-    back = time.monotonic()
-    assert wait_until(lambda: daemon.log.count("connected to 127.0.0.1") >= 2, 60), daemon.log
-    took = time.monotonic() - back
-    print(f"reconnected {took:.2f} s after the broker came back")
-    assert took < 6.0  # the default back-off is capped at 2 s (was 30 s: 16 s and 25 s measured)
+    assert wait_until(lambda: re.search(r"connected to 127\.0\.0\.1:\d+ after \d+ failed attempt", daemon.log), 120), daemon.log
     daemon.send(signal.SIGTERM)
     assert daemon.wait(60) == 0, daemon.log
 
@@ -201,9 +214,6 @@ def _all(collector):
 
 
 def test_product_switches_one_worker_latest_wins_and_rss_stays_flat(tmp_path, product, mosquitto_broker, daemons):
-    import re
-    import time
-
     write_frames(tmp_path / "frames", product, 4, defect_every=0)
     source = {"type": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True}
     config = write_config(tmp_path, product, mosquitto_broker.port, source=source, trigger={"mode": "every_frame"})
@@ -236,8 +246,7 @@ def test_product_switches_one_worker_latest_wins_and_rss_stays_flat(tmp_path, pr
             collector.client.publish(product_set, name.encode(), qos=1)
             assert wait_until(lambda: results(collector)[-1]["product"] == name, 60), daemon.log
             switches += 1
-        time.sleep(1.0)
-        end = rss()
+        end = rss()  # the next stats message after the last switch
         print(f"RSS {start} MB -> {end} MB over {switches} product switches ({(end - start) / switches:+.2f} MB/switch)")
         assert end - start < 20  # was 1-2 MB per switch (156 -> 533 MB over ~250)
         assert "product-switch" not in daemon.log or "Traceback" not in daemon.log

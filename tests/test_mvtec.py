@@ -1,4 +1,4 @@
-"""MVTec-layout reading (edge_inspect.offline.mvtec) and the tools/make_dataset.py converters."""
+"""MVTec-layout reading (edge_inspect.offline.datasets.mvtec) and the tools/make_dataset.py converters."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge_inspect.errors import UserError
-from edge_inspect.offline import mvtec
+from edge_inspect.offline.datasets import convert, mvtec
 
 REPO = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = Path(__file__).parents[1].parent / "shared/data/magnetic-tile"
@@ -67,7 +67,7 @@ def test_load_dataset_indexes_train_and_test(tmp_path):
 def test_missing_mask_warns_or_fails_on_request(tmp_path, caplog):
     root = _tiny_mvtec(tmp_path / "part")
     _img(root / "test/hole/007.png")
-    with caplog.at_level(logging.WARNING, logger="edge_inspect.offline.mvtec"):
+    with caplog.at_level(logging.WARNING, logger="edge_inspect.offline.datasets.mvtec"):
         dataset = mvtec.load_dataset(root)
     assert "have no mask" in caplog.text and "007_mask.png" in caplog.text
     hole = [t for t in dataset.test if t.defect_type == "hole"][0]
@@ -109,7 +109,7 @@ def _fake_magnetic_tile(root: Path, n_free: int = 9) -> Path:
         h, w = int(rng.integers(60, 90)), int(rng.integers(60, 90))
         _img(root / f"MT_Free/Imgs/exp0_num_{i}.jpg", 100 + i, (h, w))
         cv2.imwrite(str(root / f"MT_Free/Imgs/exp0_num_{i}.png"), np.zeros((h, w), np.uint8))
-    for folder in mvtec.MAGNETIC_TILE_DEFECTS:
+    for folder in convert.MAGNETIC_TILE_DEFECTS:
         for i in range(2):
             stem = f"exp1_num_{folder}_{i}"
             _img(root / f"{folder}/Imgs/{stem}.jpg", 90, (70, 80))
@@ -126,7 +126,7 @@ def test_magnetic_tile_conversion_layout_split_and_masks(tmp_path, make_dataset)
     assert make_dataset.main(["magnetic-tile", "--source", str(source), "--out", str(out), "--train", "3", "--test-good", "4"]) == 0
     dataset = mvtec.load_dataset(out, require_masks=True)
     assert len(dataset.train_good) == 3
-    counts = {d: sum(t.defect_type == d for t in dataset.test) for d in ["good", *mvtec.MAGNETIC_TILE_DEFECTS.values()]}
+    counts = {d: sum(t.defect_type == d for t in dataset.test) for d in ["good", *convert.MAGNETIC_TILE_DEFECTS.values()]}
     assert counts == {"good": 4, "blowhole": 2, "break": 2, "crack": 2, "fray": 2, "uneven": 2}
     train_names = {p.stem for p in dataset.train_good}
     test_good_names = {t.path.stem for t in dataset.test if t.is_good}
@@ -158,7 +158,7 @@ def test_magnetic_tile_resize_and_limit(tmp_path, make_dataset):
     argv = ["magnetic-tile", "--source", str(source), "--out", str(out), "--resize", "40x30", "--limit", "1", "--train", "2"]
     assert make_dataset.main(argv) == 0
     dataset = mvtec.load_dataset(out, require_masks=True)
-    assert len(dataset.train_good) == 2 and len(dataset.test) == 1 + len(mvtec.MAGNETIC_TILE_DEFECTS)
+    assert len(dataset.train_good) == 2 and len(dataset.test) == 1 + len(convert.MAGNETIC_TILE_DEFECTS)
     for path in [*dataset.train_good, *(t.path for t in dataset.test), *(t.mask_path for t in dataset.test if t.mask_path)]:
         assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).shape == (30, 40)
     mask = cv2.imread(str(dataset.test[-1].mask_path), cv2.IMREAD_UNCHANGED)
@@ -170,7 +170,7 @@ def test_resizing_keeps_a_tiny_defect_in_its_mask(tmp_path):
     tiny = np.zeros((70, 80), np.uint8)
     tiny[33, 41] = 255  # one pixel: nearest-neighbour sampling at 1/8 scale misses it
     cv2.imwrite(str(source / "MT_Fray/Imgs/exp1_num_MT_Fray_0.png"), tiny)
-    out = mvtec.convert_magnetic_tile(source, tmp_path / "out", n_train=2, resize=(10, 9))
+    out = convert.convert_magnetic_tile(source, tmp_path / "out", n_train=2, resize=(10, 9))
     mask = cv2.imread(str(out / "ground_truth/fray/exp1_num_MT_Fray_0_mask.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (9, 10) and mask.sum() // 255 == 1 and mask[4, 5] == 255
 
@@ -185,10 +185,10 @@ def test_magnetic_tile_errors(tmp_path, make_dataset, capsys):
     source = _fake_magnetic_tile(tmp_path / "mt")
     (source / "MT_Crack/Imgs/exp1_num_MT_Crack_1.png").unlink()
     with pytest.raises(UserError, match="exp1_num_MT_Crack_1.png.*missing"):
-        mvtec.convert_magnetic_tile(source, tmp_path / "o2", n_train=3)
+        convert.convert_magnetic_tile(source, tmp_path / "o2", n_train=3)
     assert not (tmp_path / "o2").exists(), "checked before anything is written"
     with pytest.raises(UserError, match="--train 20 needs at least 21"):
-        mvtec.convert_magnetic_tile(_fake_magnetic_tile(tmp_path / "few", n_free=5), tmp_path / "o3")
+        convert.convert_magnetic_tile(_fake_magnetic_tile(tmp_path / "few", n_free=5), tmp_path / "o3")
 
 
 def test_generate_command_writes_the_layout(tmp_path, make_dataset, capsys):
@@ -212,7 +212,7 @@ def test_real_magnetic_tile_handful(tmp_path, make_dataset):
     assert make_dataset.main(argv) == 0
     dataset = mvtec.load_dataset(out, require_masks=True)
     assert len(dataset.train_good) == 3
-    assert dataset.defect_types == sorted(mvtec.MAGNETIC_TILE_DEFECTS.values())
+    assert dataset.defect_types == sorted(convert.MAGNETIC_TILE_DEFECTS.values())
     for item in dataset.test:
         image = mvtec.read_image(item.path)
         mask = mvtec.read_mask(item, image.shape)
@@ -229,13 +229,13 @@ def test_magnetic_tile_one_lighting(tmp_path, make_dataset):
     source = _fake_magnetic_tile(tmp_path / "mt")  # good images are exp0_*, defects exp1_*
     for i in range(3):
         _img(source / f"MT_Free/Imgs/exp1_num_free{i}.jpg", 120, (60, 60))
-    out = mvtec.convert_magnetic_tile(source, tmp_path / "exp1", n_train=2, lighting="exp1")
+    out = convert.convert_magnetic_tile(source, tmp_path / "exp1", n_train=2, lighting="exp1")
     dataset = mvtec.load_dataset(out, require_masks=True)
     names = [p.name for p in dataset.train_good] + [t.path.name for t in dataset.test]
     assert names and all(n.startswith("exp1_") for n in names), "another lighting leaked in"
     assert len(dataset.train_good) == 2 and sum(t.is_good for t in dataset.test) == 1
     with pytest.raises(UserError, match="exp1 .. exp6"):
-        mvtec.convert_magnetic_tile(source, tmp_path / "bad", n_train=2, lighting="exp9")
+        convert.convert_magnetic_tile(source, tmp_path / "bad", n_train=2, lighting="exp9")
     argv = ["magnetic-tile", "--source", str(source), "--out", str(tmp_path / "cli"), "--train", "2", "--lighting", "exp1"]
     assert make_dataset.main(argv) == 0
 
@@ -253,16 +253,16 @@ def _elpv_labels(root: Path) -> Path:
 
 def test_elpv_conversion_keeps_one_cell_type_and_only_certain_labels(tmp_path, make_dataset):
     labels = _elpv_labels(tmp_path / "elpv")
-    out = mvtec.convert_elpv(tmp_path / "mono", "mono", n_train=2, n_test_good=None, n_test_defect=None, labels_csv=labels)
+    out = convert.convert_elpv(tmp_path / "mono", "mono", n_train=2, n_test_good=None, n_test_defect=None, labels_csv=labels)
     dataset = mvtec.load_dataset(out)
     assert len(dataset.train_good) == 2
     assert sorted(t.defect_type for t in dataset.test) == ["defective"] * 3 + ["good"] * 3  # the 1/3 cell is left out
     assert not {p.stem for p in dataset.train_good} & {t.path.stem for t in dataset.test}
     assert all(t.mask_path is None for t in dataset.test)  # image-level labels only
     with pytest.raises(UserError, match="mono or poly"):
-        mvtec.convert_elpv(tmp_path / "x", "thin-film", labels_csv=labels)
+        convert.convert_elpv(tmp_path / "x", "thin-film", labels_csv=labels)
     with pytest.raises(UserError, match="--train 5 needs at least 6"):
-        mvtec.convert_elpv(tmp_path / "y", "mono", n_train=5, labels_csv=labels)
+        convert.convert_elpv(tmp_path / "y", "mono", n_train=5, labels_csv=labels)
     argv = ["elpv", "--out", str(tmp_path / "cli"), "--kind", "poly", "--train", "0"]
     assert make_dataset.main(argv) == 2
 

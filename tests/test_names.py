@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from edge_inspect.calibration.calibrate import validate_product_name
 from edge_inspect.config import parse_config
 from edge_inspect.errors import ConfigError, UserError
 from edge_inspect.mqtt.payloads import check_inspection_id, parse_product_set
 from edge_inspect.records import is_inspection_id, is_product_name, new_inspection_id
-from edge_inspect.scorer.calibrate import validate_product_name
 
 
 @pytest.mark.parametrize("name", ["abc\n", "", "-abc", "a/b", "a..b", "x" * 65, "a b"])

@@ -14,7 +14,7 @@ import pytest
 
 from edge_inspect import cli
 from edge_inspect.localize import grid_words_for
-from edge_inspect.scorer.params import image_score
+from edge_inspect.scorer.anomaly_map import image_score
 from edge_inspect.scorer.product import load_product
 
 

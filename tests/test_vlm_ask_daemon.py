@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import cv2
 import jsonschema
 import pytest
+from conftest import wait_until
 from mqtt_broker import MessageCollector
 from test_daemon import (  # noqa: F401 - fixtures: product (calibrated once per session), daemons
     PREFIX,
@@ -21,7 +21,6 @@ from test_daemon import (  # noqa: F401 - fixtures: product (calibrated once per
     paint_defect,
     product,
     results,
-    wait_until,
     write_config,
 )
 
@@ -67,7 +66,11 @@ def test_questions_without_a_vlm_get_a_clear_error_on_the_answer_topic(tmp_path,
         collector.client.publish(ASK, b'{"question": "no request id"}', qos=1)  # dropped: nowhere to answer
         _ask(collector, "0" * 32, "x", "q-bad", colour="red")
         assert wait_until(lambda: len(_answers(collector)) >= 2, 20), daemon.log
-        time.sleep(0.3)
+        assert wait_until(lambda: (latest_stats(collector) or {}).get("mqtt", {}).get("malformed_commands") == 1, 10)
+        assert len(results(collector)) > 0  # the line went on
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        collector.barrier()  # every question was handled and the daemon is gone: no answer can follow
         answers = {a["request_id"]: a for a in _answers(collector)}
         assert sorted(answers) == ["q-bad", "q-off"]
         for answer in answers.values():
@@ -75,10 +78,6 @@ def test_questions_without_a_vlm_get_a_clear_error_on_the_answer_topic(tmp_path,
             assert answer["status"] == "error" and answer["answer"] is None
         assert answers["q-off"]["error_code"] == "vlm_disabled" and "vlm.enabled" in answers["q-off"]["error"]
         assert answers["q-bad"]["error_code"] in ("vlm_disabled", "invalid_request")
-        assert wait_until(lambda: (latest_stats(collector) or {}).get("mqtt", {}).get("malformed_commands") == 1, 10)
-        assert len(results(collector)) > 0  # the line went on
-        daemon.send(signal.SIGTERM)
-        assert daemon.wait(30) == 0
 
 
 @pytest.fixture(scope="module")

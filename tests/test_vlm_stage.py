@@ -14,17 +14,23 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from conftest import wait_until
+from model_helpers import tiny_vlm_or_skip
 from test_vlm_prompt import photo_product  # noqa: F401 - fixture: a product calibrated on four photos
 
 from edge_inspect.config.vlm import VlmConfig
-from edge_inspect.errors import ConfigError
-from edge_inspect.records import Inspection, Region, ScoreResult, Verdict, new_inspection_id
 from edge_inspect.daemon.flagged_queue import FlaggedFrame, FlaggedQueue
-from edge_inspect.records import Frame
+from edge_inspect.errors import ConfigError
+from edge_inspect.records import (
+    Frame,
+    Inspection,
+    Region,
+    ScoreResult,
+    Verdict,
+    new_inspection_id,
+)
 from edge_inspect.vlm.stage import Decision, VlmStage, build_update, decide
 from edge_inspect.vlm.worker import backoff_delay, hard_timeout
-from model_helpers import HAS_LLAMA, NO_LLAMA, tiny_vlm_or_skip
-
 
 REPO = Path(__file__).resolve().parents[1]
 UPDATE_SCHEMA = json.loads((REPO / "edge_inspect" / "mqtt" / "schemas" / "result_update.json").read_text())
@@ -57,10 +63,7 @@ def test_queue_keeps_the_highest_scores_and_serves_the_highest_first():
     queue = FlaggedQueue(4, sink)  # one in the sink + three waiting
     queue.start()
     assert _offer(queue, 9.0, published)
-    deadline = time.monotonic() + 5
-    while queue.depth() != 1 or queue._current is None:  # the sink holds 9.0
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert wait_until(lambda: queue.depth() == 1 and queue._current is not None)  # the sink holds 9.0
     assert [_offer(queue, s, published) for s in (1.0, 5.0, 3.0)] == [True, True, True]
     assert _offer(queue, 4.0, published)  # full: the lowest (1.0) leaves with a skipped update
     assert not _offer(queue, 2.0, published)  # lower than everything queued
@@ -68,10 +71,7 @@ def test_queue_keeps_the_highest_scores_and_serves_the_highest_first():
     assert published == [(1.0, {"vlm_status": "skipped", "error": "flagged-frame queue full "
                                 "(pipeline.flagged_queue_size=4): a higher-scoring frame took its place"})]
     gate.set()
-    deadline = time.monotonic() + 5
-    while queue.outstanding():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert wait_until(lambda: not queue.outstanding())
     assert served == [9.0, 5.0, 4.0, 3.0]
     counts = queue.counters.snapshot()
     assert (counts["offered"], counts["skipped"], counts["evicted"], counts["explained"]) == (5, 2, 1, 4)
@@ -271,10 +271,7 @@ def _submit(stage, updates, score, pixels=None):
 
 
 def _wait_busy(stage, timeout=30.0):
-    end = time.monotonic() + timeout
-    while not stage.worker.state()["busy"]:
-        assert time.monotonic() < end, "the stage never started the request"
-        time.sleep(0.01)
+    assert wait_until(lambda: stage.worker.state()["busy"], timeout), "the stage never started the request"
 
 
 @pytest.mark.vlm

@@ -10,7 +10,7 @@ free loopback port unless --broker is given). A subscriber stamps every result o
 is arrival time minus the frame's grab time in the payload. Backlog = frames captured but neither
 inspected nor dropped, plus the MQTT spool depth, sampled every second from the daemon's stats.
 RSS is read from /proc every second. Without --calibration-dir a product is calibrated first from
-a generated dataset (`edge_inspect.scorer.synth`), and frames are that dataset's test images placed in a
+a generated dataset (`edge_inspect.offline.datasets.generate`), and frames are that dataset's test images placed in a
 --frame-size scene (the camera ROI crops them back out), a quarter of them with a painted defect.
 
 Targets (exit 1 when one is missed): OK-frame latency p99 <= 60 ms, no backlog growth, RSS <= 400 MB.
@@ -69,8 +69,8 @@ def prepare_product(args: argparse.Namespace, work: Path) -> tuple[Path, Path, l
     """(calibration_dir, engines_dir, good frames at scorer-ish size)."""
     import cv2
 
-    from edge_inspect.scorer.calibrate import BACKBONE_FILE, ensure_backbone
-    from edge_inspect.scorer.synth import generate_dataset
+    from edge_inspect.calibration.artifacts import BACKBONE_FILE, ensure_backbone
+    from edge_inspect.offline.datasets.generate import generate_dataset
 
     dataset = generate_dataset(work / "data", "brick", n_train=8, n_test_good=8, n_test_defect=0, size=args.size, seed=7)
     good = [cv2.imread(str(p)) for p in sorted((dataset / "test" / "good").glob("*.png"))]

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from edge_inspect.calibration import defects  # noqa: E402
 from edge_inspect.errors import UserError  # noqa: E402
-from edge_inspect.offline import mvtec  # noqa: E402
-from edge_inspect.scorer import synth  # noqa: E402
+from edge_inspect.offline.datasets import convert, generate, mvtec  # noqa: E402
 
 DEFAULT_MAGNETIC_TILE = REPO.parent / "shared" / "data" / "magnetic-tile"
 
@@ -57,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="good images from scikit-image photos, with injected defects")
     gen.add_argument("--out", type=Path, required=True, help="parent folder; each category goes to OUT/<category>")
     gen.add_argument(
-        "--categories", default=",".join(synth.DEFAULT_CATEGORIES),
-        help=f"comma-separated, from: {', '.join(synth.CATEGORIES)} (default: all)",
+        "--categories", default=",".join(generate.DEFAULT_CATEGORIES),
+        help=f"comma-separated, from: {', '.join(generate.CATEGORIES)} (default: all)",
     )
     gen.add_argument(
-        "--kinds", default=",".join(synth.DEFECT_KINDS),
-        help=f"defect kinds for test/, comma-separated (default: {','.join(synth.DEFECT_KINDS)})",
+        "--kinds", default=",".join(defects.DEFECT_KINDS),
+        help=f"defect kinds for test/, comma-separated (default: {','.join(defects.DEFECT_KINDS)})",
     )
     gen.add_argument("--train", type=_count, default=20, help="good training images per category (default 20)")
     gen.add_argument("--test-good", type=_count, default=20, help="good test images per category (default 20)")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     el = sub.add_parser("elpv", help="convert the ELPV solar cells (PyPI elpv-dataset) to the MVTec layout")
     el.add_argument("--out", type=Path, required=True, help="folder for the converted dataset (one category)")
-    el.add_argument("--kind", choices=mvtec.ELPV_KINDS, required=True, help="mono- or polycrystalline cells")
+    el.add_argument("--kind", choices=convert.ELPV_KINDS, required=True, help="mono- or polycrystalline cells")
     el.add_argument("--train", type=_count, default=20, help="good cells for train/good (default 20)")
     el.add_argument("--test-good", type=_count_or_all, default=150, help="good cells for test/good, or 'all' (default 150)")
     el.add_argument("--test-defect", type=_count_or_all, default=150, help="defective cells for test/, or 'all' (default 150)")
@@ -121,8 +121,8 @@ def _split(text: str, allowed: dict | tuple, what: str) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    categories = _split(args.categories, synth.CATEGORIES, "categories")
-    kinds = _split(args.kinds, synth.DEFECT_KINDS, "kinds")
+    categories = _split(args.categories, generate.CATEGORIES, "categories")
+    kinds = _split(args.kinds, defects.DEFECT_KINDS, "kinds")
     if args.size < 64:
         raise UserError(f"--size {args.size}: use at least 64")
     if args.train < 1:
@@ -132,7 +132,7 @@ def run_generate(args: argparse.Namespace) -> int:
             mvtec.prepare_output(args.out / category, overwrite=False)
     for category in categories:
         started = time.perf_counter()
-        root = synth.generate_dataset(
+        root = generate.generate_dataset(
             args.out, category, args.train, args.test_good, args.test_defect, args.size, args.seed,
             kinds=kinds, progress=True,
         )
@@ -147,7 +147,7 @@ def _need_train(args: argparse.Namespace) -> None:
 
 def run_magnetic_tile(args: argparse.Namespace) -> int:
     _need_train(args)
-    root = mvtec.convert_magnetic_tile(
+    root = convert.convert_magnetic_tile(
         args.source, args.out, n_train=args.train, n_test_good=args.test_good, resize=args.resize,
         seed=args.seed, limit=args.limit, overwrite=args.overwrite, progress=True, lighting=args.lighting,
     )
@@ -157,7 +157,7 @@ def run_magnetic_tile(args: argparse.Namespace) -> int:
 
 def run_elpv(args: argparse.Namespace) -> int:
     _need_train(args)
-    root = mvtec.convert_elpv(
+    root = convert.convert_elpv(
         args.out, args.kind, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect,
         seed=args.seed, overwrite=args.overwrite, labels_csv=args.labels,
     )

@@ -60,8 +60,8 @@ def prepare(workdir: Path) -> tuple[Path, Path, Path]:
     import numpy as np
 
     from edge_inspect import cli
-    from edge_inspect.scorer.calibrate import ensure_backbone
-    from edge_inspect.scorer.synth import generate_dataset
+    from edge_inspect.calibration.artifacts import ensure_backbone
+    from edge_inspect.offline.datasets.generate import generate_dataset
 
     engines = workdir / "engines"
     engines.mkdir(parents=True, exist_ok=True)

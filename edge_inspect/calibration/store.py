@@ -18,6 +18,8 @@ images and scorer graphs no kept version names are deleted with them.
 Products calibrated before versioning (manifest.json directly in calibration/<product>/) still load;
 their first change needs a recalibration (they have no stored good images to refit on).
 
+The read side (which version is active, where its files are) is scorer/layout.py; this module writes.
+
 Example:
     with product_lock(cal_dir, "bracket-a"):
         n = commit_version(cal_dir, "bracket-a", writer, change={"change": "feedback_ok", "by": "op"})
@@ -31,68 +33,37 @@ import datetime as dt
 import fcntl
 import json
 import logging
-import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import cv2
+import numpy as np
+
 from ..errors import CalibrationError, UserError
+from ..files import bytes_sha256, fsync_dir, fsync_tree, write_atomic
+from ..scorer.layout import (
+    CURRENT_FILE,
+    GOOD_DIR,
+    MANIFEST_FILE,
+    THRESHOLD_FILE,
+    VERSIONS_DIR,
+    current_version,
+    product_dir,
+    read_manifest,
+    version_dir,
+    version_numbers,
+)
+from ..scorer.manifest import recalibrate_hint
 
 log = logging.getLogger(__name__)
 
-CURRENT_FILE = "current"
-VERSIONS_DIR = "versions"
-GOOD_DIR = "good"
 LOCK_FILE = ".lock"
 DEFAULT_KEEP = 10
 MIN_KEEP = 2  # the active version and the one a rollback goes back to
 CHANGES = ("calibrate", "feedback_ok", "threshold_adapt", "rollback")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
-
-
-def product_dir(calibration_dir: str | Path, product: str) -> Path:
-    return Path(calibration_dir) / product
-
-
-def current_version(calibration_dir: str | Path, product: str) -> int | None:
-    """The active version, or None for a product calibrated before versioning (or not at all)."""
-    path = product_dir(calibration_dir, product) / CURRENT_FILE
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise CalibrationError(f"{path} cannot be read ({exc})") from None
-    if not _VERSION_RE.match(text):
-        raise CalibrationError(
-            f"{path} is damaged ({text[:40]!r} is not a version number): write the number of a folder in "
-            f"{path.parent / VERSIONS_DIR} into it, or recalibrate with --force"
-        )
-    return int(text)
-
-
-def active_directory(calibration_dir: str | Path, product: str) -> Path | None:
-    """The folder load_product reads: versions/<current>, the legacy flat folder, or None (not calibrated)."""
-    pdir = product_dir(calibration_dir, product)
-    number = current_version(calibration_dir, product)
-    if number is not None:
-        return pdir / VERSIONS_DIR / str(number)
-    return pdir if (pdir / "manifest.json").is_file() else None
-
-
-def calibrated_products(calibration_dir: str | Path) -> list[str]:
-    root = Path(calibration_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / CURRENT_FILE).is_file() or (p / "manifest.json").is_file())
-
-
-def version_numbers(calibration_dir: str | Path, product: str) -> list[int]:
-    vdir = product_dir(calibration_dir, product) / VERSIONS_DIR
-    if not vdir.is_dir():
-        return []
-    return sorted(int(p.name) for p in vdir.iterdir() if _VERSION_RE.match(p.name) and (p / "manifest.json").is_file())
 
 
 @contextlib.contextmanager
@@ -110,45 +81,6 @@ def product_lock(calibration_dir: str | Path, product: str) -> Iterator[None]:
 
 def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def read_manifest(calibration_dir: str | Path, product: str, number: int) -> dict[str, Any]:
-    path = product_dir(calibration_dir, product) / VERSIONS_DIR / str(number) / "manifest.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        known = version_numbers(calibration_dir, product)
-        raise UserError(f"product {product!r} has no calibration version {number} (kept versions: "
-                        f"{', '.join(map(str, known)) or 'none'})") from None
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"{path} is damaged ({exc})") from None
-    if not isinstance(data, dict):
-        raise CalibrationError(f"{path} is damaged (not a JSON object)")
-    return data
 
 
 def commit_version(
@@ -186,13 +118,14 @@ def commit_version(
             "why": str(change.get("why") or "")[:1000],
             **{k: v for k, v in change.items() if k not in ("by", "why")},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        fsync_tree(tmp)  # every file of the version is on disk before `current` can name it
         tmp.replace(vdir / str(number))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(vdir)
-    _write_atomic(pdir / CURRENT_FILE, f"{number}\n")
+    write_atomic(pdir / CURRENT_FILE, f"{number}\n")
     log.info("calibration %s: version %d is active (%s by %s%s)", product, number, change["change"],
              manifest["version"]["by"], f": {manifest['version']['why']}" if manifest["version"]["why"] else "")
     prune(calibration_dir, product, keep, engines_dir)
@@ -261,7 +194,7 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
 def history(calibration_dir: str | Path, product: str) -> list[dict[str, Any]]:
     """The kept versions, oldest first; the active one has "active": true."""
     active = current_version(calibration_dir, product)
-    if active is None and (product_dir(calibration_dir, product) / "manifest.json").is_file():
+    if active is None and (product_dir(calibration_dir, product) / MANIFEST_FILE).is_file():
         raise UserError(f"product {product!r} was calibrated before calibrations were versioned: it has no history; "
                         f"recalibrate with `edge-inspect calibrate --product {product} --images DIR --force` to start one")
     if active is None:
@@ -275,7 +208,7 @@ def history(calibration_dir: str | Path, product: str) -> list[dict[str, Any]]:
 
 
 def _threshold_doc(calibration_dir: str | Path, product: str, number: int) -> dict[str, Any]:
-    path = product_dir(calibration_dir, product) / VERSIONS_DIR / str(number) / "threshold.json"
+    path = version_dir(calibration_dir, product, number) / THRESHOLD_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -320,13 +253,13 @@ def _good_row(entry: dict[str, Any]) -> dict[str, Any]:
 def copy_version_files(source: Path, target: Path) -> dict[str, Any]:
     """The files of one version copied bit for bit into `target`; returns its manifest without the version block."""
     for item in source.iterdir():
-        if item.name == "manifest.json":
+        if item.name == MANIFEST_FILE:
             continue
         if item.is_dir():
             shutil.copytree(item, target / item.name)
         else:
             shutil.copy2(item, target / item.name)
-    manifest = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((source / MANIFEST_FILE).read_text(encoding="utf-8"))
     manifest.pop("version", None)
     return manifest
 
@@ -349,12 +282,59 @@ def commit_threshold(
 
     def write(folder: Path) -> dict[str, Any]:
         manifest = copy_version_files(source, folder)
-        doc = json.loads((folder / "threshold.json").read_text(encoding="utf-8"))
+        doc = json.loads((folder / THRESHOLD_FILE).read_text(encoding="utf-8"))
         doc["threshold"] = float(threshold)
         if evidence:
             doc.setdefault("evidence", {}).update(evidence)
-        (folder / "threshold.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        (folder / THRESHOLD_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
         manifest["threshold"] = float(threshold)
         return manifest
 
     return commit_version(calibration_dir, product, write, change, keep=keep, engines_dir=engines_dir)
+
+
+# --- the good set: images a version was fitted on, stored once by content -------------------------
+
+
+@dataclass(frozen=True)
+class GoodImage:
+    """One image of a product's good set: a calibration shot, or a frame an operator overruled as ok."""
+
+    bgr: np.ndarray  # ROI-cropped, in its stored form
+    source: str  # the file it came from, or "inspection <id>"
+    added_by: str = "calibrate"  # "calibrate" | "feedback"
+    inspection_id: str | None = None
+
+
+def store_good_image(pdir: Path, bgr: np.ndarray) -> str:
+    """Store a good image once (content-addressed PNG, lossless) and return its path relative to pdir."""
+    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise CalibrationError(f"could not encode a good image of shape {bgr.shape} as PNG")
+    data = png.tobytes()
+    name = f"{GOOD_DIR}/{bytes_sha256(data)[:20]}.png"
+    path = pdir / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+    return name
+
+
+def load_good_set(calibration_dir: str | Path, product: str, manifest: dict[str, Any]) -> list[GoodImage]:
+    """The stored good images a version was fitted on."""
+    pdir = product_dir(calibration_dir, product)
+    entries = manifest.get("good_set")
+    if not entries:
+        raise CalibrationError(
+            f"product {product!r} was calibrated before good images were kept with the calibration, so it cannot "
+            f"be refitted: {recalibrate_hint(product)} once"
+        )
+    out = []
+    for entry in entries:
+        path = pdir / entry["file"]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise CalibrationError(f"{path} (a good image of the active calibration) is missing or damaged: "
+                                   f"{recalibrate_hint(product)}")
+        out.append(GoodImage(bgr, entry.get("source", entry["file"]), entry.get("added_by", "calibrate"), entry.get("inspection_id")))
+    return out

@@ -48,11 +48,15 @@ def add_threshold_options(parser) -> None:
 
 def calibration_options(args):
     """CalibrationOptions from the options `calibrate` and `evaluate` share."""
-    from ..scorer.calibrate import CalibrationOptions, parse_augment
-    from ..scorer.params import ScorerParams
-    from ..scorer.threshold import (
-        DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE, MIN_FALSE_REJECT_RATE, rate_from_sensitivity,
+    from ..calibration.fit import CalibrationOptions
+    from ..calibration.threshold import (
+        DEFAULT_FALSE_REJECT_RATE,
+        MAX_FALSE_REJECT_RATE,
+        MIN_FALSE_REJECT_RATE,
+        rate_from_sensitivity,
     )
+    from ..calibration.views import parse_augment
+    from ..scorer.params import ScorerParams
 
     if args.size % 32 or not 64 <= args.size <= 1024:
         raise UserError(f"--size {args.size}: use a multiple of 32 between 64 and 1024 (256 is the default)")

@@ -27,9 +27,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..calibration.calibrate import calibrate_product
     from ..errors import UserError
     from ..imageio import list_images
-    from ..scorer.calibrate import calibrate_product
     from ._common import calibration_options, operator_name, show_progress
 
     images = list_images(args.images)

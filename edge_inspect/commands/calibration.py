@@ -32,14 +32,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..calibration import store
+    from ..calibration.calibrate import rollback_product, validate_product_name
     from ..errors import UserError
-    from ..scorer import versions
-    from ..scorer.calibrate import rollback_product, validate_product_name
+    from ..scorer import layout
     from ._common import operator_name
 
     validate_product_name(args.product)
     if args.action == "history":
-        rows = versions.history(args.calibration_dir, args.product)
+        rows = store.history(args.calibration_dir, args.product)
         if args.json:
             print(json.dumps(rows))
             return 0
@@ -52,27 +53,27 @@ def run(args) -> int:
                   f"{r['by']}: {r['why']}")
         return 0
     if args.action == "diff":
-        active = versions.current_version(args.calibration_dir, args.product)
+        active = layout.current_version(args.calibration_dir, args.product)
         if active is None:
-            versions.history(args.calibration_dir, args.product)  # raises the reason (legacy or not calibrated)
+            store.history(args.calibration_dir, args.product)  # raises the reason (legacy or not calibrated)
         b = args.b if args.b is not None else (active if args.a is None else active)
         a = args.a
         if a is None:
-            a = versions.read_manifest(args.calibration_dir, args.product, b).get("version", {}).get("parent")
+            a = layout.read_manifest(args.calibration_dir, args.product, b).get("version", {}).get("parent")
             if a is None:
                 raise UserError(f"version {b} of {args.product!r} has no parent: give two versions (calibration diff A B)")
-        result = versions.diff(args.calibration_dir, args.product, int(a), int(b))
+        result = store.diff(args.calibration_dir, args.product, int(a), int(b))
         if args.json:
             print(json.dumps(result))
             return 0
         _print_diff(result)
         return 0
-    keep = versions.DEFAULT_KEEP if args.keep is None else args.keep
-    if keep < versions.MIN_KEEP:
-        raise UserError(f"--keep {keep}: keep at least {versions.MIN_KEEP} versions (the active one and its parent)")
+    keep = store.DEFAULT_KEEP if args.keep is None else args.keep
+    if keep < store.MIN_KEEP:
+        raise UserError(f"--keep {keep}: keep at least {store.MIN_KEEP} versions (the active one and its parent)")
     number = rollback_product(args.calibration_dir, args.product, args.engines_dir, to=args.to, by=operator_name(),
                               why=args.why, keep=keep)
-    row = versions.history(args.calibration_dir, args.product)[-1]
+    row = store.history(args.calibration_dir, args.product)[-1]
     if args.json:
         print(json.dumps(row))
     else:

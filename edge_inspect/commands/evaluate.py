@@ -46,9 +46,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..calibration.calibrate import REFIT_EVIDENCE
     from ..errors import UserError
     from ..offline.evaluate import dataset_roots, evaluate_many, evaluate_shot_sets
-    from ..scorer.calibrate import REFIT_EVIDENCE
     from ._common import calibration_options, show_progress
 
     if args.shots < 1:

@@ -11,8 +11,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..calibration.artifacts import backbone_path
     from ..export.backbone_export import export_backbone
-    from ..scorer.calibrate import backbone_path
 
     path = backbone_path(args.engines_dir)
     if path.is_file() and not args.force:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def add_parser(subparsers) -> None:
-    from ..feedback.command import DEFAULT_TIMEOUT_S
+    from ..mqtt.feedback import DEFAULT_TIMEOUT_S
 
     p = subparsers.add_parser(
         "feedback",
@@ -37,9 +39,19 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    """Returns 0 for applied or duplicate; raises FeedbackFailed (exit code 2) for an error or no result in time."""
+    import json
+    import sys
+
     from ..config import load_config
     from ..errors import UserError
-    from ..feedback.command import run_cli
+    from ..feedback.apply import apply_local
+    from ..mqtt.feedback import (
+        FeedbackFailed,
+        feedback_result_payload,
+        make_request,
+        send_feedback,
+    )
 
     if args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout}: give a positive number of seconds")
@@ -48,5 +60,42 @@ def run(args) -> int:
     if args.evidence and not args.local:
         raise UserError("--evidence needs --local (the daemon reads its own evidence.dir)")
     config = load_config(args.config)
-    return run_cli(config, args.inspection_id, args.verdict, defect_type=args.defect_type, operator=args.operator,
-                   note=args.note, local=args.local, evidence_dir=args.evidence, timeout_s=args.timeout, as_json=args.json)
+    request = make_request(args.inspection_id, args.verdict, args.defect_type, args.operator, args.note)
+    if args.local:
+        body = apply_local(config, request, args.evidence)
+    else:
+        body = send_feedback(config, request, args.timeout)
+    payload = feedback_result_payload(config.station, body) if "schema_version" not in body else body
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False), flush=True)
+    if payload["status"] == "error":
+        raise FeedbackFailed(f"{payload['error_code']}: {payload['error']}")
+    if not args.json:
+        print(describe(payload), flush=True)
+    if args.local and payload["status"] == "applied" and payload["calibration_version"] != payload["previous_version"]:
+        print(f"a running daemon scores with version {payload['calibration_version']} after `systemctl reload "
+              "edge-inspect` (SIGHUP) or its next product switch", file=sys.stderr)
+    return 0
+
+
+def describe(payload: dict[str, Any]) -> str:
+    """One or more lines for a person: what happened, the versions, and the labelled-defect report."""
+    product = payload.get("product", "?")
+    head = {"applied": "applied", "duplicate": "already applied (duplicate)"}[payload["status"]]
+    version, previous = payload.get("calibration_version"), payload.get("previous_version")
+    if payload["verdict"] == "ok" and version != previous:
+        what = f"product {product} calibration version {version} (was {previous}), threshold {payload['threshold']:.4g}"
+    elif payload["verdict"] == "ok":
+        what = f"product {product}: no new version (the scorer said OK already, or it was applied before)"
+    else:
+        what = f"product {product}: kept as a labelled defect (calibration version {version} unchanged)"
+    lines = [f"{head}: {payload['verdict']} on inspection {payload['inspection_id']}; {what}"]
+    report = payload.get("labelled_defects")
+    if report:
+        lines.append(f"labelled defects at threshold {report['threshold']:.4g} ({report['false_positives']} of "
+                     f"{report['good_scores']} good scores above it):")
+        for name, row in [*report["types"].items(), ("overall", report["overall"])]:
+            recall = "-" if row["recall"] is None else f"{row['recall']:.0%}"
+            precision = "-" if row["precision"] is None else f"{row['precision']:.0%}"
+            lines.append(f"  {name:<16} n={row['n']:<4} detected={row['detected']:<4} recall={recall:<5} precision={precision}")
+    return "\n".join(lines)

@@ -35,7 +35,7 @@ class FlaggedFrame:
     frame: Frame  # the full captured frame
     view: np.ndarray  # the camera view that was scored (ROI crop, resize), BGR
     score: ScoreResult  # anomaly map at the scorer's input resolution
-    product: Any  # scoring.ProductCalibration of the scorer that flagged it
+    product: Any  # scorer.product.ProductCalibration of the scorer that flagged it
     publish_update: Callable[[dict], bool]  # publishes .../result/update for this id; only the first call counts
     queued_at: float = field(default_factory=time.monotonic)  # when it was offered to the queue
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..scorer.anomaly_map import gaussian_kernel_1d, score_topk_count
 from ..scorer.backbone import BN_EPS, INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads
-from ..scorer.params import ScorerParams, gaussian_kernel_1d, parse_tap, projection_matrix, score_topk_count
+from ..scorer.params import ScorerParams, parse_tap, projection_matrix
 from .weights import load_state_dict_numpy
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..calibration.calibrate import refit_product
+from ..calibration.store import GoodImage, product_lock
 from ..capture.geometry import camera_view
 from ..capture.sources import SourceError
 from ..config.capture import CameraConfig
@@ -39,9 +41,8 @@ from ..evidence import EvidenceMissing, StoredEvidence, read_evidence
 from ..imageio import crop_roi
 from ..mqtt.feedback import ERROR_CODES, FeedbackRequest
 from ..records import is_plain_name
-from ..scorer.calibrate import GoodImage, refit_product
+from ..scorer.layout import current_version, read_manifest, version_numbers
 from ..scorer.product import ProductCalibration, load_product
-from ..scorer.versions import current_version, product_lock, read_manifest, version_numbers
 from .defects import UNSPECIFIED, DefectScorer, DefectStore, record_report
 from .ledger import FeedbackLedger, find_applied
 
@@ -357,3 +358,13 @@ class FeedbackApplier:
             request, "duplicate", **known, calibration_version=prior.get("calibration_version"),
             previous_version=prior.get("previous_version"), threshold=prior.get("threshold"),
         ))
+
+
+def apply_local(config: Any, request: FeedbackRequest, evidence_dir: str | None = None) -> dict[str, Any]:
+    """Apply on the folders of the config (no daemon): the camera runs the product the config gives it."""
+    cameras = {camera.name: camera for camera in config.cameras}
+    applier = FeedbackApplier(
+        config.scoring.calibration_dir, config.scoring.engines_dir, evidence_dir or config.evidence.dir, config.feedback,
+        camera=cameras.get, running_product=lambda name: cameras[name].product if name in cameras else None,
+    )
+    return applier.apply(request).body

@@ -21,15 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
+from ..files import write_atomic
+from ..scorer.layout import product_dir
 from ..scorer.product import ProductCalibration, Scorer
-from ..scorer.versions import product_dir
 from .ledger import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,7 @@ class DefectStore:
         ok, png = cv2.imencode(".png", crop_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
         if not ok:
             raise ValueError(f"could not encode the frame of {inspection_id} (shape {np.shape(crop_bgr)}) as PNG")
-        path = self.image_path(inspection_id)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(png.tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(self.image_path(inspection_id), png.tobytes())
         append_jsonl(self.folder / DEFECTS_FILE, {"inspection_id": inspection_id, **entry})
 
 
@@ -170,9 +164,4 @@ def record_report(version_dir: Path, report: dict[str, Any]) -> None:
     path = Path(version_dir) / "threshold.json"
     doc = json.loads(path.read_text(encoding="utf-8"))
     doc.setdefault("evidence", {})["labelled_defects"] = report
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(doc, indent=1))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=1))

@@ -20,7 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..scorer.versions import calibrated_products, fsync_dir, product_dir
+from ..files import fsync_dir
+from ..scorer.layout import calibrated_products, product_dir
 
 LEDGER_FILE = "feedback.jsonl"
 _APPEND_LOCK = threading.Lock()  # one process's threads; other processes hold versions.product_lock

@@ -3,7 +3,8 @@
 Schemas: `schemas/feedback.json` and `schemas/feedback_result.json` (new in schema 1.2). A feedback message
 that cannot be used but names an inspection_id or a request_id is still answered, with status "error";
 only a payload that names neither (or is not a JSON object) is dropped, logged and counted as malformed,
-like other commands. What applying one does is `edge_inspect.feedback`.
+like other commands. What applying one does is `edge_inspect.feedback`. `send_feedback` is the client side
+(`edge-inspect feedback`): publish one request and wait for its result.
 
 Example:
     request = parse_feedback(b'{"inspection_id": "5f0c...", "verdict": "ok", "operator": "anna"}')
@@ -12,12 +13,25 @@ Example:
 
 from __future__ import annotations
 
+import json
+import queue
+import sys
 import time
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .payloads import SCHEMA_VERSION, Topics, is_command_id, iso_utc, json_object
+from ..errors import UserError
+from .client import make_client, tls_context
+from .payloads import (
+    SCHEMA_VERSION,
+    Topics,
+    encode,
+    is_command_id,
+    iso_utc,
+    json_object,
+)
 
 VERDICTS = ("ok", "ng")
 STATUSES = ("applied", "duplicate", "error")
@@ -149,3 +163,89 @@ def feedback_result_payload(station: str, body: Mapping[str, Any], timestamp: fl
         if body.get(key) is not None:
             payload[key] = body[key]
     return payload
+
+
+DEFAULT_TIMEOUT_S = 120.0  # a refit takes seconds to a minute on a small box, behind other feedback
+
+
+class FeedbackFailed(UserError):
+    """Feedback that was not applied (exit code 2); the message has the error code and the reason."""
+
+
+def make_request(inspection_id: str, verdict: str, defect_type: str | None = None, operator: str | None = None,
+                 note: str | None = None) -> FeedbackRequest:
+    """The request the CLI sends, checked by the same parser the daemon uses."""
+    message = {"inspection_id": inspection_id, "verdict": verdict, "request_id": f"cli-{uuid.uuid4().hex[:16]}"}
+    message.update({k: v for k, v in (("defect_type", defect_type), ("operator", operator), ("note", note)) if v is not None})
+    try:
+        request = parse_feedback(json.dumps(message).encode("utf-8"))
+    except ValueError as exc:
+        raise FeedbackFailed(f"invalid_request: {exc}") from None
+    if request.error:
+        raise FeedbackFailed(f"invalid_request: {request.error}")
+    return request
+
+
+def send_feedback(config: Any, request: FeedbackRequest, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Publish the feedback at the station's broker and wait for its result (matched by request_id)."""
+    mqtt = config.mqtt
+    topics = Topics(mqtt.topic_prefix, config.station)
+    result_topic = feedback_result_topic(topics)
+    inbox: queue.Queue = queue.Queue()
+    client = make_client(mqtt, "", password=mqtt.resolve_password()[0] if mqtt.username else None,
+                         tls=tls_context(mqtt) if mqtt.tls.enabled else None)
+    client.suppress_exceptions = True
+    client.reconnect_delay_set(mqtt.reconnect_min_s, mqtt.reconnect_max_s)
+    sent = {"done": False}
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            inbox.put(("error", f"broker {mqtt.host}:{mqtt.broker_port} refused the connection: {reason_code}"))
+            return
+        client.subscribe([(result_topic, 1)])
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties):
+        if any(code.is_failure for code in reason_codes):
+            inbox.put(("error", f"subscribing to {result_topic} was refused (broker ACL?)"))
+        elif not sent["done"]:  # subscribed first, so the result cannot be missed
+            sent["done"] = True
+            client.publish(feedback_topic(topics), encode(feedback_message(request)), qos=1)
+
+    def on_connect_fail(client, userdata):
+        inbox.put(("error", f"cannot connect to {mqtt.host}:{mqtt.broker_port} ({sys.exc_info()[1] or 'unknown error'})"))
+
+    def on_message(client, userdata, message):
+        try:
+            payload = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(payload, dict) and payload.get("request_id") == request.request_id:
+            inbox.put(("result", payload))
+
+    client.on_connect, client.on_subscribe = on_connect, on_subscribe
+    client.on_connect_fail, client.on_message = on_connect_fail, on_message
+    client.connect_async(mqtt.host, mqtt.broker_port, mqtt.keepalive_s)
+    client.loop_start()
+    last_error = None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                where = "no connection to the broker" if not sent["done"] else "the feedback was sent"
+                raise FeedbackFailed(
+                    f"timeout: no feedback result within {timeout_s:g} s ({where}{'; last error: ' + last_error if last_error else ''}); "
+                    f"is `edge-inspect run` up for station {config.station}? With the daemon stopped use --local"
+                )
+            try:
+                kind, item = inbox.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if kind == "result":
+                return item
+            if item != last_error:
+                print(f"error: {item}; retrying", file=sys.stderr, flush=True)
+            last_error = item
+    finally:
+        client.disconnect()
+        client.loop_stop()

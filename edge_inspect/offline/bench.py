@@ -26,12 +26,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnxruntime
 
+from ..calibration.artifacts import BACKBONE_FILE, ensure_backbone
+from ..calibration.calibrate import calibrate_product
+from ..calibration.fit import CalibrationOptions
 from ..errors import UserError
 from ..imageio import crop_roi, list_images, read_bgr, to_input
-from ..scorer.calibrate import BACKBONE_FILE, CalibrationOptions, calibrate_product, ensure_backbone
 from ..scorer.params import ScorerParams
 from ..scorer.product import Scorer
-from ..scorer.synth import CATEGORIES, generate_dataset
+from .datasets.generate import CATEGORIES, generate_dataset
 
 MIN_FRAME_SIZE = 128  # generated frames are at least this big: smaller ones leave no room for a defect
 REFERENCE_EXTRA = "PyTorch is not installed: `pip install -e '.[export]'` to time the eager reference"

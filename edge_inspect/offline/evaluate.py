@@ -16,22 +16,16 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..calibration.artifacts import ensure_backbone, load_folded
+from ..calibration.calibrate import REFIT_EVIDENCE, calibrate_product, refit_product
+from ..calibration.fit import CalibrationOptions
+from ..calibration.store import GoodImage, product_lock
 from ..errors import UserError
 from ..imageio import crop_roi, read_bgr
 from ..localize import find_regions, grid_cells_touched
-from ..scorer.calibrate import (
-    REFIT_EVIDENCE,
-    CalibrationOptions,
-    GoodImage,
-    calibrate_product,
-    ensure_backbone,
-    load_folded,
-    refit_product,
-)
 from ..scorer.product import Scorer, load_product
-from ..scorer.versions import product_lock
+from .datasets.mvtec import load_dataset, read_mask
 from .metrics import auroc, best_f1, binary_counts, f1_score
-from .mvtec import load_dataset, read_mask
 from .plain_patchcore import PlainPatchCore
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..scorer.calibrate import FeatureExtractor, anomaly_map_from_distances
+from ..scorer.anomaly_map import anomaly_map_from_distances
+from ..scorer.features import FeatureExtractor
 from ..scorer.memory_bank import features_to_patches, nearest_distances
 from ..scorer.params import ScorerParams
 

@@ -58,18 +58,19 @@ class ScorerParams:
 
     @classmethod
     def from_json(cls, d: dict) -> "ScorerParams":
+        """From a manifest's params block as the current manifest version writes it (older ones are
+        migrated first: scorer/manifest.py)."""
         return cls(
             input_size=tuple(d["input_size"]),
             taps=tuple(normalize_tap(t) for t in d["taps"]),
             sigma_px=float(d["sigma_px"]),
-            context_pad=int(d.get("context_pad", 0)),
-            layer_scales=tuple(float(v) for v in d.get("layer_scales", ())),
-            projection_dim=int(d.get("projection_dim", 0)),
-            projection_seed=int(d.get("projection_seed", 0)),
-            score_topk=float(d.get("score_topk", 0.0)),  # calibrations before it scored the map's max
-            extra=dict(d.get("extra", {})),
+            context_pad=int(d["context_pad"]),
+            layer_scales=tuple(float(v) for v in d["layer_scales"]),
+            projection_dim=int(d["projection_dim"]),
+            projection_seed=int(d["projection_seed"]),
+            score_topk=float(d["score_topk"]),
+            extra=dict(d["extra"]),
         )
-
 
 def normalize_tap(tap: str | int) -> str:
     """Older manifests stored block outputs as plain integers (4 = "block4")."""
@@ -103,31 +104,3 @@ def output_dim(params: ScorerParams) -> int:
     """Dimension of the patch features the memory bank holds."""
     p = projection_matrix(params)
     return feature_dim(params) if p is None else int(p.shape[0])
-
-
-# TensorRT's TopK takes K < 3840: the top fraction of a large map is capped there.
-TOPK_LIMIT = 3839
-
-
-def score_topk_count(params: ScorerParams) -> int:
-    """How many map pixels the image score averages (0 = the max alone)."""
-    if not params.score_topk:
-        return 0
-    h, w = params.input_size
-    return int(min(TOPK_LIMIT, max(1, round(params.score_topk * h * w))))
-
-
-def image_score(anomaly_map: np.ndarray, params: ScorerParams) -> float:
-    """numpy twin of the graph's score: max, or the mean of the top score_topk_count pixels."""
-    k = score_topk_count(params)
-    flat = np.asarray(anomaly_map, np.float32).ravel()
-    if k <= 1:
-        return float(flat.max())
-    return float(np.partition(flat, flat.size - k)[-k:].astype(np.float64).mean())
-
-
-def gaussian_kernel_1d(sigma: float) -> np.ndarray:
-    radius = max(1, int(3.0 * sigma + 0.5))
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).astype(np.float32)

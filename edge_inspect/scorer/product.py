@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -17,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from ..errors import CalibrationError, UserError
-from ..imageio import crop_roi, read_bgr, to_input
+from ..files import array_sha256, file_sha256
+from ..imageio import crop_roi, to_input
 from ..records import ScoreResult
 from .backends import ScorerBackend, create_backend
+from .backends.ort_backend import ort_session
+from .layout import (
+    MANIFEST_FILE,
+    THRESHOLD_FILE,
+    VERSIONS_DIR,
+    calibrated_products,
+    current_version,
+    product_dir,
+)
+from .manifest import check_threshold, load_manifest, read_json_object, recalibrate_hint
 from .params import ScorerParams
-from .versions import VERSIONS_DIR, calibrated_products, current_version
 
 log = logging.getLogger(__name__)
 
@@ -53,49 +61,21 @@ def default_engines_dir(calibration_dir: str | Path) -> Path:
     return Path(calibration_dir).resolve().parent / "engines"
 
 
-def _recalibrate(product: str) -> str:
-    return f"recalibrate with `edge-inspect calibrate --product {product} --images DIR --force`"
-
-
-def _read_json_object(path: Path, product: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CalibrationError(f"{path} is missing: {_recalibrate(product)}") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CalibrationError(f"{path} is damaged ({exc}): {_recalibrate(product)}") from None
-    if not isinstance(data, dict):
-        raise CalibrationError(f"{path} is damaged (a JSON {type(data).__name__}, not an object): {_recalibrate(product)}")
-    return data
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_bank(directory: Path, entry: Any, product: str) -> None:
     """memory_bank.npy must load and hash (of its array bytes) to what calibrate recorded."""
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        raise CalibrationError(f"{directory / 'manifest.json'}: `bank` has no sha256: {_recalibrate(product)}")
-    path = directory / str(entry.get("file", "memory_bank.npy"))
+        raise CalibrationError(f"{directory / MANIFEST_FILE}: `bank` has no sha256: {recalibrate_hint(product)}")
+    path = directory / str(entry["file"])
     try:
         bank = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise CalibrationError(f"{path} (the memory bank) is missing: {_recalibrate(product)}") from None
+        raise CalibrationError(f"{path} (the memory bank) is missing: {recalibrate_hint(product)}") from None
     except (OSError, ValueError, EOFError) as exc:
-        raise CalibrationError(f"{path} (the memory bank) is damaged or truncated ({exc}): {_recalibrate(product)}") from None
-    if hashlib.sha256(np.ascontiguousarray(bank).tobytes()).hexdigest() != entry["sha256"]:
+        raise CalibrationError(f"{path} (the memory bank) is damaged or truncated ({exc}): {recalibrate_hint(product)}") from None
+    if array_sha256(bank) != entry["sha256"]:
         raise CalibrationError(
-            f"{path} (the memory bank) does not match the sha256 in {directory / 'manifest.json'}: it was changed or "
-            f"damaged after calibration; {_recalibrate(product)}"
+            f"{path} (the memory bank) does not match the sha256 in {directory / MANIFEST_FILE}: it was changed or "
+            f"damaged after calibration; {recalibrate_hint(product)}"
         )
 
 
@@ -106,11 +86,11 @@ def _check_file_hash(path: Path, entry: dict[str, Any], what: str, manifest_path
     try:
         actual = file_sha256(path)
     except OSError as exc:
-        raise CalibrationError(f"{path} ({what}) cannot be read ({exc}): {_recalibrate(product)}") from None
+        raise CalibrationError(f"{path} ({what}) cannot be read ({exc}): {recalibrate_hint(product)}") from None
     if actual != expected:
         raise CalibrationError(
             f"{path} ({what}) does not match the sha256 in {manifest_path}: it was replaced or damaged after "
-            f"calibration (or another product's calibration overwrote it); {_recalibrate(product)}"
+            f"calibration (or another product's calibration overwrote it); {recalibrate_hint(product)}"
         )
 
 
@@ -121,10 +101,10 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
     verify: also check the sha256 the manifest records for the memory bank and both graphs.
     """
     version = current_version(calibration_dir, product)  # read once: a feedback worker may commit meanwhile
-    directory = Path(calibration_dir) / product
+    directory = product_dir(calibration_dir, product)
     if version is not None:
         directory = directory / VERSIONS_DIR / str(version)
-    manifest_path = directory / "manifest.json"
+    manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
         known = calibrated_products(calibration_dir)
         hint = f" (calibrated products: {', '.join(known)})" if known else ""
@@ -132,38 +112,16 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
             f"product {product!r} is not calibrated in {calibration_dir}{hint}: run "
             f"`edge-inspect calibrate --product {product} --images DIR`"
         )
-    manifest = _read_json_object(manifest_path, product)
-    threshold_path = directory / "threshold.json"
-    threshold_doc = _read_json_object(threshold_path, product)
-
-    def damaged(where: Path, what: str) -> CalibrationError:
-        return CalibrationError(f"{where} is damaged ({what}): {_recalibrate(product)}")
-
-    threshold = threshold_doc.get("threshold")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not np.isfinite(threshold):
-        raise damaged(threshold_path, f"`threshold` is {threshold!r}, not a finite number")
-    calibration_id = manifest.get("calibration_id")
-    if not isinstance(calibration_id, str) or not calibration_id:
-        raise damaged(manifest_path, f"`calibration_id` is {calibration_id!r}, not a non-empty text")
-    input_size = manifest.get("input_size")
-    if not (isinstance(input_size, list) and len(input_size) == 2 and all(_is_int(v) and v > 0 for v in input_size)):
-        raise damaged(manifest_path, f"`input_size` is {input_size!r}, not [height, width]")
-    roi = manifest.get("roi")
-    if roi is not None and not (
-        isinstance(roi, list) and len(roi) == 4 and all(_is_int(v) and v >= 0 for v in roi) and roi[2] > 0 and roi[3] > 0
-    ):
-        raise damaged(manifest_path, f"`roi` is {roi!r}, not null or [x, y, width, height]")
+    threshold_path = directory / THRESHOLD_FILE
+    threshold = check_threshold(read_json_object(threshold_path, product), threshold_path, product)
+    manifest = load_manifest(manifest_path, product)
     try:
         params = ScorerParams.from_json(manifest["params"])
     except Exception as exc:  # noqa: BLE001 - any shape of damage in the params block
-        raise damaged(manifest_path, f"`params`: {type(exc).__name__}: {exc}") from None
+        raise CalibrationError(f"{manifest_path} is damaged (`params`: {type(exc).__name__}: {exc}): "
+                               f"{recalibrate_hint(product)}") from None
     engines = Path(engines_dir) if engines_dir else default_engines_dir(calibration_dir)
-    graphs = {}
-    for key in ("scorer_onnx", "features_onnx"):
-        entry = manifest.get(key)
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
-            raise damaged(manifest_path, f"`{key}` has no file name")
-        graphs[key] = (engines / entry["file"], entry)
+    graphs = {key: (engines / manifest[key]["file"], manifest[key]) for key in ("scorer_onnx", "features_onnx")}
     scorer_onnx, features_onnx = graphs["scorer_onnx"][0], graphs["features_onnx"][0]
     if not scorer_onnx.is_file():
         raise CalibrationError(
@@ -180,12 +138,12 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
         name=product,
         directory=directory,
         engines_dir=engines,
-        input_size=(input_size[0], input_size[1]),
-        threshold=float(threshold),
-        roi=tuple(roi) if roi else None,  # type: ignore[arg-type]
+        input_size=(manifest["input_size"][0], manifest["input_size"][1]),
+        threshold=threshold,
+        roi=tuple(manifest["roi"]) if manifest.get("roi") else None,  # type: ignore[arg-type]
         scorer_onnx=scorer_onnx,
         features_onnx=features_onnx,
-        calibration_id=calibration_id,
+        calibration_id=manifest["calibration_id"],
         params=params,
         manifest=manifest,
         version=version,
@@ -207,13 +165,13 @@ class Scorer:
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime/TensorRT refuse a damaged graph in many ways
                 raise CalibrationError(
                     f"the scorer graph {product.scorer_onnx} of product {product.name!r} does not load "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): {_recalibrate(product.name)}"
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): {recalibrate_hint(product.name)}"
                 ) from None
         expected = (1, 3, *product.input_size)
         if tuple(self.backend.input_shape) != expected:
             self.backend.close()
             raise CalibrationError(f"scorer graph {product.scorer_onnx} input {self.backend.input_shape} does not match the "
-                                   f"calibration {expected}: {_recalibrate(product.name)}")
+                                   f"calibration {expected}: {recalibrate_hint(product.name)}")
         self._input = np.empty(expected, dtype=np.float32)
 
     def prepare(self, bgr: np.ndarray) -> np.ndarray:
@@ -248,16 +206,14 @@ class ReferenceIndex:
             self.embeddings = np.load(ref_dir / "embeddings.npy", allow_pickle=False)
         except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
             raise CalibrationError(f"the good references in {ref_dir} are missing or damaged ({exc}): "
-                                   f"{_recalibrate(product.name)}") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+                                   f"{recalibrate_hint(product.name)}") from None
         if not product.features_onnx.is_file():
             raise CalibrationError(f"feature graph {product.features_onnx} is missing: recalibrate product {product.name!r} with --force")
         try:
-            self.session = ort.InferenceSession(str(product.features_onnx), options, providers=["CPUExecutionProvider"])
+            self.session = ort_session(product.features_onnx, threads, use_cuda=False)
         except Exception as exc:  # noqa: BLE001 - a damaged graph
             raise CalibrationError(f"the feature graph {product.features_onnx} does not load ({type(exc).__name__}): "
-                                   f"{_recalibrate(product.name)}") from None
+                                   f"{recalibrate_hint(product.name)}") from None
 
     def embed(self, bgr: np.ndarray) -> np.ndarray:
         x = to_input(crop_roi(bgr, self.product.roi), self.product.input_size)
@@ -270,6 +226,3 @@ class ReferenceIndex:
         best = int(np.argmax(sims))
         return self.files[best], float(sims[best])
 
-
-def score_files(scorer: Scorer, paths: list[Path]) -> list[tuple[Path, np.ndarray, ScoreResult]]:
-    return [(p, bgr, scorer.score(bgr)) for p in paths for bgr in [read_bgr(p)]]

@@ -19,8 +19,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .backbone import INPUT_MEAN, INPUT_STD, lite0_blocks, same_pads, tap_channels, tap_stride
-from .params import ScorerParams, gaussian_kernel_1d, output_dim, parse_tap, projection_matrix, score_topk_count
+from ..files import write_atomic
+from .anomaly_map import gaussian_kernel_1d, score_topk_count
+from .backbone import (
+    INPUT_MEAN,
+    INPUT_STD,
+    lite0_blocks,
+    same_pads,
+    tap_channels,
+    tap_stride,
+)
+from .params import ScorerParams, output_dim, parse_tap, projection_matrix
 
 OPSET = 17
 IR_VERSION = 8  # readable by onnxruntime >= 1.10 and TensorRT 10's parser
@@ -257,8 +266,7 @@ def build_scorer_model(
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write a graph whole or not at all (a version's manifest names it by its sha256)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    write_atomic(path, model.SerializeToString())

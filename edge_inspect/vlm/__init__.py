@@ -1,10 +1,10 @@
 """The VLM stage: a quantized GGUF vision-language model explains flagged frames.
 
 The scorer decides and localises; the VLM says *what* it sees, given a retrieved good reference,
-the product's knowledge file and the scorer's evidence, as schema-constrained JSON.
+the product's knowledge file and the scorer's findings, as schema-constrained JSON.
 
     knowledge.py  calibration/<product>/knowledge.yaml: schema and validation
-    prompt.py     prompt assembly (reference, close-up, knowledge, evidence)
+    prompt.py     prompt assembly (reference, close-up, knowledge, scorer findings)
     schema.py     verdict JSON Schema, GBNF grammar, parsing into records.Verdict
     runner.py     llama-cpp-python in process (used inside the worker)
     worker.py     the worker subprocess and its supervisor (timeouts, restarts)

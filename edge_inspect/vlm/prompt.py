@@ -1,8 +1,8 @@
-"""Prompt assembly for the VLM: images, product knowledge and the scorer's evidence, as chat messages.
+"""Prompt assembly for the VLM: images, product knowledge and the scorer's findings, as chat messages.
 
 Echo's modules made concrete: a retrieved good reference (the model compares instead of guessing
 what "normal" is), the product's knowledge guide (names and tolerances to choose from), and the
-scorer's evidence in words (score vs threshold, regions, area, 3x3 grid location). The scorer has
+scorer's findings in words (score vs threshold, regions, area, 3x3 grid location). The scorer has
 already decided and localised; the model is asked to explain.
 
 Example:
@@ -30,7 +30,7 @@ CLOSEUP_MIN_SIDE = 224  # small regions are enlarged so the encoder sees detail
 
 
 class ReferenceLookup(Protocol):
-    """What `edge_inspect.scoring.ReferenceIndex` offers: the most similar good calibration image."""
+    """What `edge_inspect.scorer.product.ReferenceIndex` offers: the most similar good calibration image."""
 
     def nearest(self, bgr: np.ndarray) -> tuple[Path, float]: ...
 
@@ -146,8 +146,10 @@ def knowledge_text(knowledge: Knowledge) -> str:
     return "\n".join(lines)
 
 
-def evidence_text(score: float, threshold: float, regions: tuple[Region, ...], max_regions: int = 3) -> str:
-    """The scorer's evidence in words (numbers rounded to what a reader can use)."""
+def findings_text(score: float, threshold: float, regions: tuple[Region, ...], max_regions: int = 3) -> str:
+    """The scorer's findings in words (numbers rounded to what a reader can use). ("Evidence" in this
+    project is what the evidence store keeps of a flagged frame; the prompt still says "evidence" to
+    the model, which is the word it understands.)"""
     ratio = score / threshold if threshold > 0 else float("inf")
     lines = [
         f"Anomaly scorer: score {score:.3g} against threshold {threshold:.3g} "
@@ -202,7 +204,7 @@ def build_prompt(inputs: PromptInputs) -> Prompt:
     """Assemble chat messages, the output grammar and schema for one flagged frame."""
     knowledge = inputs.knowledge or generic_knowledge(inputs.product)
     defect_types = knowledge.defect_types
-    evidence = evidence_text(inputs.score, inputs.threshold, inputs.regions)
+    findings = findings_text(inputs.score, inputs.threshold, inputs.regions)
     task = "Explain the flagged anomaly as the JSON object described."
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": system_text(inputs.product, knowledge, inputs.mode, inputs.reasoning)}
@@ -242,11 +244,11 @@ def build_prompt(inputs: PromptInputs) -> Prompt:
         for index, (uri, caption) in enumerate(parts):
             content.append({"type": "image_url", "image_url": {"url": uri}})
             content.append({"type": "text", "text": caption + ("\n" if index < len(parts) - 1 else "")})
-        content.append({"type": "text", "text": f"\n\n{evidence}\n\n{task}"})
+        content.append({"type": "text", "text": f"\n\n{findings}\n\n{task}"})
         messages.append({"role": "user", "content": content})
         image_count = len(parts)
     else:
-        messages.append({"role": "user", "content": f"{evidence}\n\n{task}"})
+        messages.append({"role": "user", "content": f"{findings}\n\n{task}"})
     return Prompt(
         messages=messages,
         grammar=verdict_grammar(defect_types, inputs.reasoning),

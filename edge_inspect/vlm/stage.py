@@ -93,7 +93,7 @@ class _Job:
     score: float
     threshold: float
     regions: tuple[Region, ...]
-    product: Any | None  # scoring.ProductCalibration when the caller has it
+    product: Any | None  # scorer.product.ProductCalibration when the caller has it
     publish: UpdateFn
     queued_at: float = field(default_factory=time.monotonic)
     accepted: bool = False  # counted in VlmStage._outstanding until its update is published

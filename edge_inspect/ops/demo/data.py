@@ -11,11 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from ...calibration.artifacts import backbone_path, ensure_backbone
+from ...calibration.calibrate import calibrate_product
+from ...calibration.defects import DEFECT_KINDS
+from ...calibration.fit import CalibrationOptions
 from ...config import AppConfig, parse_config
 from ...errors import UserError
-from ...scorer.calibrate import CalibrationOptions, backbone_path, calibrate_product, ensure_backbone
+from ...offline.datasets.generate import generate_dataset
 from ...scorer.params import ScorerParams
-from ...scorer.synth import DEFECT_KINDS, generate_dataset
 
 STATION = "demo"
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, TextIO
 import yaml
 
 from ...errors import UserError
-from ...scorer.synth import CATEGORIES
+from ...offline.datasets.generate import CATEGORIES
 from ..demo_broker import ensure_broker, port_open
 from ..report import load_run, parse_time, write_report
 from .data import (

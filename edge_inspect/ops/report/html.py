@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ import cv2
 import numpy as np
 
 from ... import __version__
+from ...files import write_atomic
 from .load import ResultRow, RunData
 from .plot import latency_histogram_png, score_timeline_png
 from .summary import LATENCY_STAGE, latencies, percentile, summarize
@@ -475,7 +475,5 @@ def write_report(run: RunData, out: str | Path, **options: Any) -> Path:
     """Render and write the report atomically; returns its path."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_report(run, **options), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, render_report(run, **options), durable=False)
     return path

@@ -14,44 +14,13 @@ Example:
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ...errors import UserError
+from .base import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend  # noqa: F401 - the interface, re-exported
 
 log = logging.getLogger(__name__)
-
-INPUT_NAME = "image"
-MAP_OUTPUT = "anomaly_map"
-SCORE_OUTPUT = "score"
-
-
-class ScorerBackend(ABC):
-    """One compiled scorer graph ready to run frames. Buffers are allocated once, in __init__."""
-
-    name: str = "abstract"
-
-    @abstractmethod
-    def run(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """image: float32 [1,3,H,W] RGB 0..255 -> (anomaly map float32 [H,W], image score).
-
-        The map must be an array the caller owns (never a view of a buffer the next call reuses).
-        """
-
-    @property
-    @abstractmethod
-    def input_shape(self) -> tuple[int, int, int, int]:
-        """The static input shape of the graph, [1, 3, H, W]."""
-
-    def describe(self) -> dict[str, Any]:
-        """Facts for logs, stats and `doctor`: backend name, device, precision."""
-        return {"backend": self.name}
-
-    def close(self) -> None:
-        """Release device resources. Safe to call twice."""
 
 
 def create_backend(kind: str, onnx_path: str | Path, **options: Any) -> ScorerBackend:

@@ -9,9 +9,26 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from . import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
+from .base import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
 
 log = logging.getLogger(__name__)
+
+
+def ort_session(model: str | Path | bytes, threads: int = 0, use_cuda: bool | None = False) -> ort.InferenceSession:
+    """The one way this project opens an ONNX Runtime session: all graph optimisations, one inter-op
+    thread (the graphs are a single chain), `threads` intra-op threads (0 = ONNX Runtime's choice), the
+    CUDA provider first where it exists unless use_cuda is False. `model` is a path or serialized bytes."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = ["CPUExecutionProvider"]
+    if use_cuda is not False and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=providers)
 
 
 class OrtBackend(ScorerBackend):
@@ -19,17 +36,7 @@ class OrtBackend(ScorerBackend):
     OPTIONS = ("threads", "use_cuda")
 
     def __init__(self, onnx_path: str | Path, threads: int = 0, use_cuda: bool | None = None) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
-        if use_cuda is not False and "CUDAExecutionProvider" in available:
-            providers.insert(0, "CUDAExecutionProvider")
-        self._session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        self._session = ort_session(onnx_path, threads, use_cuda=use_cuda)
         self.providers = self._session.get_providers()
         shape = self._session.get_inputs()[0].shape
         if any(not isinstance(d, int) for d in shape):

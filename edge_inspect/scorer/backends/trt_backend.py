@@ -37,8 +37,8 @@ import numpy as np
 
 from ...errors import UserError
 from ...imageio import read_bgr, to_input
-from . import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
 from . import trt_plan_cache as plan_cache
+from .base import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +453,7 @@ def good_images(product) -> list[np.ndarray]:
 class TensorRTBackend(ScorerBackend):
     """The scorer graph as a TensorRT plan. Options (scoring config / Scorer):
 
-    precision: fp16 (default) | int8 | fp32. product: a scoring.ProductCalibration or a name.
+    precision: fp16 (default) | int8 | fp32. product: a scorer.product.ProductCalibration or a name.
     engines_dir: where plans live (default: the product's engines dir, else the ONNX's folder).
     allow_build: build a missing/stale plan (minutes) instead of refusing. device: CUDA device index.
     """

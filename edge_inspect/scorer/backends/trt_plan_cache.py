@@ -21,10 +21,8 @@ are testable on any machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +32,7 @@ from typing import Any, Callable
 import onnx
 
 from ...errors import UserError
-from ..product import file_sha256
+from ...files import bytes_sha256, file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +80,7 @@ class PlanKey:
     def digest(self) -> str:
         """16 hex chars of sha256 over the canonical JSON of the key."""
         text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return bytes_sha256(text.encode())[:16]
 
     def differences(self, other: "PlanKey") -> list[str]:
         """Human-readable field differences, e.g. "gpu_name: plan 'Orin' vs here 'Xavier'"."""
@@ -107,7 +105,7 @@ def describe_graph(onnx_path: str | Path) -> tuple[str, tuple[int, ...]]:
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
     if any(d <= 0 for d in shape):
         raise UserError(f"{onnx_path}: input {inputs[0].name!r} must have a static shape, got {shape}; re-run calibrate")
-    return hashlib.sha256(data).hexdigest(), shape
+    return bytes_sha256(data), shape
 
 
 def plan_key(onnx_path: str | Path, product: str, precision: str, device: DeviceFacts) -> PlanKey:
@@ -181,30 +179,21 @@ def list_plans(engines_dir: str | Path, product: str) -> list[tuple[Path, dict[s
     return [(p, read_sidecar(p)) for p in sorted(directory.glob(f"{_slug(product)}-*.plan"))]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_plan(plan: Path, data: bytes, key: PlanKey, info: dict[str, Any]) -> None:
     """Write the plan, then its sidecar (the sidecar last: a plan without one is never used)."""
     plan.parent.mkdir(parents=True, exist_ok=True)
     sidecar_path(plan).unlink(missing_ok=True)
-    _atomic_write(plan, data)
+    write_atomic(plan, data)
     sidecar = {
         "format": PLAN_FORMAT,
         "key": key.to_json(),
         "digest": key.digest,
-        "plan_sha256": hashlib.sha256(data).hexdigest(),
+        "plan_sha256": bytes_sha256(data),
         "plan_bytes": len(data),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info,
     }
-    _atomic_write(sidecar_path(plan), (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(sidecar_path(plan), (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
 
 
 # build(key) -> (serialized plan bytes, extra sidecar facts such as build_seconds)
