@@ -106,6 +106,39 @@ def test_scorer_graph_matches_reference_scorer(parity, which):
     assert float(score[0]) <= float(anomaly_map.max())
 
 
+@pytest.mark.parametrize("count_pad", [True, False])
+def test_both_border_rules_of_the_aggregation_match_the_reference(parity, backbone_onnx, count_pad):
+    """pool_count_pad: the 3x3 average counts the zero padding (PyTorch's default) or not. Graph and
+    eager reference agree for both; the two rules differ on the outer ring of patches only."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+
+    from edge_inspect.export.reference import ReferenceScorer
+    from edge_inspect.scorer.scorer_graph import build_features_model, folded_from_model
+
+    torch = parity["torch"]
+    params = dataclasses.replace(parity["params"], pool_count_pad=count_pad)
+    other = dataclasses.replace(parity["params"], pool_count_pad=not count_pad)
+    folded = folded_from_model(onnx.load(str(backbone_onnx)))
+    x = parity["inputs"]["good"]
+
+    def graph(p):
+        session = ort.InferenceSession(build_features_model(folded, p).SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["features"], {"image": x})[0]
+
+    with torch.inference_mode():
+        expected = ReferenceScorer(parity["reference"].backbone, params, parity["bank"]).patch_features(torch.from_numpy(x)).numpy()
+    features, changed = graph(params), graph(other)
+    assert _max_rel_diff(features, expected) <= RELATIVE_TOLERANCE
+    # block 10 is upsampled from the stride-16 grid, so its border reaches one more stride-8 patch in
+    ring = np.ones(features.shape[-2:], bool)
+    ring[3:-3, 3:-3] = False
+    assert np.allclose(features[..., ~ring], changed[..., ~ring], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(features[..., 0, 0], changed[..., 0, 0])
+
+
 def test_layer_scales_are_applied_the_same_way(parity, backbone_onnx):
     """Calibration sets one scale per tapped layer; graph and reference must scale the same channels."""
     import dataclasses

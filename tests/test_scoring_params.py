@@ -83,6 +83,7 @@ def test_a_manifest_is_migrated_to_the_current_version_once_and_a_newer_one_is_r
     current = migrate(v1)
     assert current["manifest_version"] == MANIFEST_VERSION and "options" not in v1  # the input is left alone
     assert current["params"]["score_topk"] == 0.0 and current["params"]["layer_scales"] == []
+    assert current["params"]["pool_count_pad"] is False  # how every calibration before the field aggregated
     assert current["options"] == {"bank_size": 4096, "layer_scales": False, "synthetic_per_image": 2,
                                   "false_reject_rate": 0.02, "augment": ["hflip"], "seed": 3}
     assert current["good_set"] == [] and current["bank"]["file"] == "memory_bank.npy"

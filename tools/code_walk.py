@@ -12,7 +12,8 @@ hook and records every call into a function of the package (all threads). Two wa
     tools/code_walk.py -- calibrate --product p --images good/ --calibration-dir /tmp/c --engines-dir /tmp/e
     tools/code_walk.py --after Pipeline._inspect -- run --config demo.yaml      # from the first frame on
 
-Module bodies (imports), comprehensions and lambdas are not counted.
+Module bodies (imports), what runs while a project module is being imported, comprehensions and
+lambdas are not counted.
 
 Prints the stays per file and totals (`--json` for the raw walk).
 """
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         name = getattr(code, "co_qualname", code.co_name)
         if name.startswith("<"):  # module bodies (imports), comprehensions, lambdas: part of their file's stay
             return
+        caller = frame.f_back
+        while caller is not None:  # work done while a module is being imported is not the command's path
+            if caller.f_code.co_name == "<module>" and caller.f_code.co_filename.startswith(root):
+                return
+            caller = caller.f_back
         rel = str(Path(filename).relative_to(PACKAGE.parent))
         if not recording["on"]:
             if f"{rel}:{name}" != args.after and not (":" not in args.after and name == args.after):

@@ -142,7 +142,7 @@ class ReferenceScorer(nn.Module):
                 block = self.projection[:, start : start + t.shape[1]]
                 start += t.shape[1]
                 t = torch.einsum("dc,bchw->bdhw", block, t)
-            t = F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
+            t = F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=self.params.pool_count_pad)
             if t.shape[-2:] != size:
                 t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
             feats.append(t * scale)

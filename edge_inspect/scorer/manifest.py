@@ -13,6 +13,8 @@ History:
 - 1: the first versioned layout; fields were added later without a version bump, so a version-1
   manifest may lack any of them (migration fills them).
 - 2: every field written; the options block holds what a refit repeats.
+- 3: params.pool_count_pad (how the 3x3 aggregation treats the image border); before, the padding
+  was left out of the average.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from ..errors import CalibrationError
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 # What a field added after version 1 means when it is absent: how those calibrations scored.
 PARAMS_ADDED = {
@@ -72,6 +74,8 @@ def migrate(manifest: dict[str, Any], where: str = "manifest") -> dict[str, Any]
     out = copy.deepcopy(manifest)
     if version < 2:
         _v1_to_v2(out)
+    if version < 3:
+        _v2_to_v3(out)
     out["manifest_version"] = MANIFEST_VERSION
     return out
 
@@ -95,6 +99,11 @@ def _v1_to_v2(m: dict[str, Any]) -> None:
     m.setdefault("images", [])
     if isinstance(m.get("bank"), dict):
         m["bank"].setdefault("file", "memory_bank.npy")
+
+
+def _v2_to_v3(m: dict[str, Any]) -> None:
+    if isinstance(m.get("params"), dict):
+        m["params"].setdefault("pool_count_pad", False)  # how every calibration before it aggregated
 
 
 def _is_int(value: Any) -> bool:

@@ -38,6 +38,10 @@ class ScorerParams:
     # over the real sets at 1 % (docs/scorer.md). Taken over the map, not the patches, so a flagged
     # frame's map always reaches the threshold somewhere and localisation has a region to report.
     score_topk: float = 0.01
+    # The 3x3 patch aggregation at the image border: True averages the zero padding in (PyTorch's and
+    # anomalib's default), False averages only the neighbours inside the image. Calibrations before this
+    # field existed scored with False (manifest migration).
+    pool_count_pad: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +73,7 @@ class ScorerParams:
             projection_dim=int(d["projection_dim"]),
             projection_seed=int(d["projection_seed"]),
             score_topk=float(d["score_topk"]),
+            pool_count_pad=bool(d["pool_count_pad"]),
             extra=dict(d["extra"]),
         )
 

@@ -163,7 +163,8 @@ def _patch_features(g: GraphBuilder, folded, params: ScorerParams):
             weights = projection[:, start : start + channels] * np.float32(scale)
             t = g.op("Conv", [t, g.const(weights[:, :, None, None].astype(np.float32), f"projection.{i}")], prefix="project", kernel_shape=[1, 1])
             channels = projection.shape[0]
-        t = g.op("AveragePool", [t], prefix="aggregate", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)
+        t = g.op("AveragePool", [t], prefix="aggregate", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                 count_include_pad=int(params.pool_count_pad))
         if tap_size != base_size:
             sizes = g.const(np.array([1, channels, *base_size], np.int64))
             t = g.op("Resize", [t, "", "", sizes], prefix="upsample", mode="linear", coordinate_transformation_mode="half_pixel")
