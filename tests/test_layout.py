@@ -231,3 +231,35 @@ def test_the_daemon_loads_no_dataset_code():
     """Everything the daemon can import (lazily too) holds no dataset generator, converter or offline tool."""
     reached = _reachable(import_graph(), "edge_inspect.daemon.daemon")
     assert sorted(m for m in reached if m.startswith(("edge_inspect.offline", "edge_inspect.ops", "edge_inspect.commands"))) == []
+
+
+def test_every_project_module_attribute_the_code_uses_exists():
+    """`from . import trt_plan_cache as plan_cache` then `plan_cache.something`: a moved or renamed function
+    breaks such a call only when it runs, and some never run here (the TensorRT backend needs a GPU).
+    Every `alias.name` on an imported project module must name something that module has."""
+    files = _module_files()
+    missing = []
+    for name, path in sorted(files.items()):
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                source = ".".join(base + ([node.module] if node.module else [])) if node.level else (node.module or "")
+                for alias in node.names:
+                    if f"{source}.{alias.name}" in files:
+                        modules[alias.asname or alias.name] = f"{source}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.asname and alias.name in files:
+                        modules[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                target = modules[node.value.id]
+                short = target.removeprefix("edge_inspect.")
+                if short in NEEDS and importlib.util.find_spec(NEEDS[short]) is None:
+                    continue
+                if not hasattr(importlib.import_module(target), node.attr):
+                    missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value.id}.{node.attr}")
+    assert missing == []

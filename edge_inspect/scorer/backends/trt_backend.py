@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ...errors import UserError
+from ...files import write_atomic
 from ...imageio import read_bgr, to_input
 from . import trt_plan_cache as plan_cache
 from .base import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
@@ -296,7 +297,7 @@ def _attach_timing_cache(trt, config, path: Path):
 def _save_timing_cache(config, path: Path) -> None:
     cache = config.get_timing_cache()
     if cache is not None:
-        plan_cache._atomic_write(path, memoryview(cache.serialize()).tobytes())
+        write_atomic(path, memoryview(cache.serialize()).tobytes())
 
 
 def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[np.ndarray], cache_path: Path):
@@ -335,7 +336,7 @@ def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[n
             return cache_path.read_bytes()
 
         def write_calibration_cache(self, cache) -> None:
-            plan_cache._atomic_write(cache_path, memoryview(cache).tobytes())
+            write_atomic(cache_path, memoryview(cache).tobytes())
 
         def free(self) -> None:
             self._device.free()
