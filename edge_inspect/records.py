@@ -79,6 +79,9 @@ class ScoreResult:
     threshold: float
     anomaly_map: np.ndarray  # HxW float32 at the scorer's input resolution
     latency_ms: float = 0.0
+    # [D, h, w] patch features the map was scored from; only when asked for (stream learning) and the
+    # scorer graph takes the bank as an input.
+    patch_features: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def flagged(self) -> bool:

@@ -170,10 +170,13 @@ def test_calibration_directory_contents(tmp_path, engines_dir, bricks, capsys):
     for key in ("scorer_onnx", "features_onnx"):
         path = engines_dir / manifest[key]["file"]
         assert path.is_file() and manifest[key]["sha256"] == _sha256(path)
+    # The scorer graph takes the bank as an input: named by its content, not the product, and it holds no bank.
     scorer = onnx.load(str(engines_dir / manifest["scorer_onnx"]["file"]))
-    meta = {p.key: p.value for p in scorer.metadata_props}
-    assert meta["product"] == "bracket" and meta["bank_sha256"] == manifest["bank"]["sha256"]
-    assert [d.dim_value for d in scorer.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 64, 64]
+    assert manifest["scorer_onnx"]["file"].startswith("scorer-64x64-")
+    assert manifest["scorer_onnx"]["bank_input"] is True and manifest["scorer_onnx"]["capacity"] == 64
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in scorer.graph.input}
+    assert shapes == {"image": [1, 3, 64, 64], "bank_x_minus2": [manifest["bank"]["dim"], 64], "bank_sqnorm": [1, 64]}
+    assert "features" in {o.name for o in scorer.graph.output}
 
     product = load_product(tmp_path / "calibration", "bracket", engines_dir)
     assert product.threshold == threshold_doc["threshold"] and product.roi == (4, 8, 80, 72)
@@ -241,3 +244,39 @@ def test_score_many_matches_one_at_a_time_and_views_alternate():
     # With fewer views per image, consecutive images start at the next kind: shifts and gains alternate.
     first, second = nuisance_views(image, 0, 1)[0], nuisance_views(image, 1, 1)[0]
     assert np.array_equal(first, views[0]) and np.array_equal(second, views[1])
+
+
+def test_a_product_calibrated_with_the_bank_inside_its_graph_still_loads_and_scores_the_same(tmp_path, engines_dir, bricks):
+    """Calibrations before the bank input: a per-product graph with the bank as a constant and a version-3
+    manifest without scorer_onnx.bank_input. It loads (migrated), scores exactly as the shared graph with
+    the same bank, and gives no patch features (stream learning needs a recalibration)."""
+    import onnx
+
+    from edge_inspect.calibration.artifacts import load_folded, write_graphs
+    from edge_inspect.files import file_sha256
+    from edge_inspect.scorer.params import ScorerParams
+    from edge_inspect.scorer.product import Scorer
+
+    images = _write_images(tmp_path / "good", bricks[:4])
+    assert _calibrate(tmp_path, engines_dir, images, "new", "--size", "64", "--bank-size", "64") == 0
+    shared = load_product(tmp_path / "calibration", "new", engines_dir)
+    folder = active_directory(tmp_path / "calibration", "new")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    folded, _ = load_folded(engines_dir)
+    name, features = write_graphs(folded, "new", ScorerParams.from_json(manifest["params"]), shared.bank, engines_dir)
+    assert name.startswith("new-") and "bank_x_minus2" not in {i.name for i in onnx.load(str(engines_dir / name)).graph.input}
+    manifest["manifest_version"] = 3
+    manifest["scorer_onnx"] = {"file": name, "sha256": file_sha256(engines_dir / name)}
+    manifest["features_onnx"] = {"file": features, "sha256": file_sha256(engines_dir / features)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    legacy = load_product(tmp_path / "calibration", "new", engines_dir)
+    assert legacy.bank is None and legacy.bank_capacity is None and shared.bank_capacity == 64
+    frame = bricks[5]
+    old, new = Scorer(legacy, "onnxruntime", threads=1), Scorer(shared, "onnxruntime", threads=1)
+    try:
+        a, b = old.score(frame, features=True), new.score(frame, features=True)
+        assert a.score == pytest.approx(b.score, rel=1e-4) and np.allclose(a.anomaly_map, b.anomaly_map, rtol=1e-3, atol=1e-3)
+        assert a.patch_features is None and b.patch_features is not None and not old.gives_features
+    finally:
+        old.close()
+        new.close()

@@ -285,3 +285,39 @@ def test_calibration_projects_raw_features_into_the_graphs_space(parity, backbon
     raw, projected = run(raw_params), run(params)
     assert raw.shape[1] > projected.shape[1] == output_dim(params)
     assert _max_rel_diff(feature_transform(params)(raw), projected) <= RELATIVE_TOLERANCE
+
+
+def test_the_bank_as_an_input_scores_as_the_bank_inside_and_unused_slots_are_never_nearest(parity, backbone_onnx, tmp_path):
+    """One graph with the bank as an input (capacity larger than the bank) against the graph with the same bank
+    as a constant: the same map and score; its features output is the feature graph's; two backends of the one
+    graph with different banks share its session and keep their own banks."""
+    import onnx
+
+    from edge_inspect.scorer.backends.ort_backend import _SESSIONS, OrtBackend
+    from edge_inspect.scorer.scorer_graph import (
+        build_scorer_model,
+        folded_from_model,
+        save_model,
+    )
+
+    folded = folded_from_model(onnx.load(str(backbone_onnx)))
+    params, bank = parity["params"], parity["bank"]
+    path = tmp_path / "shared.onnx"
+    save_model(build_scorer_model(folded, params, capacity=bank.shape[0] + 300), path)
+    x = parity["inputs"]["defect"]
+    constant_map, constant_score = parity["scorer"].run(["anomaly_map", "score"], {"image": x})
+    (features,) = parity["features"].run(["features"], {"image": x})
+    backend = OrtBackend(path, threads=1, bank=bank)
+    half = OrtBackend(path, threads=1, bank=bank[: bank.shape[0] // 2])
+    try:
+        assert len([k for k in _SESSIONS if k[0] == str(path.resolve())]) == 1
+        anomaly_map, score, patch_features = backend.run_features(x)
+        assert np.allclose(anomaly_map, constant_map[0, 0], rtol=1e-4, atol=1e-4 * float(constant_map.max()))
+        assert score == pytest.approx(float(constant_score[0]), rel=1e-4)
+        assert np.allclose(patch_features, features[0], rtol=1e-5, atol=1e-5)
+        assert half.run(x)[1] > score  # fewer good patches to match: further from the nearest
+        assert backend.capacity == bank.shape[0] + 300 and backend.has_features
+    finally:
+        backend.close()
+        half.close()
+    assert not [k for k in _SESSIONS if k[0] == str(path.resolve())]  # the last user freed the session

@@ -136,7 +136,8 @@ def write_version_files(
     in pdir/good/; returns its manifest."""
     bank = fitted.bank
     bank_sha = array_sha256(bank)
-    engine_name, features_name = write_graphs(folded, product, fitted.params, bank, engines)
+    capacity = max(options.bank_size, int(bank.shape[0]))  # the coreset keeps the bank within bank_size
+    engine_name, features_name = write_graphs(folded, product, fitted.params, bank, engines, capacity)
     (folder / REFERENCES_DIR).mkdir(parents=True, exist_ok=True)
     np.save(folder / BANK_FILE, bank)
     names, good_set = [], []
@@ -173,7 +174,8 @@ def write_version_files(
         "bank": {"file": BANK_FILE, "patches": int(bank.shape[0]), "dim": int(bank.shape[1]),
                  "from_patches": fitted.from_patches, "sha256": bank_sha},
         "backbone": {"file": BACKBONE_FILE, "sha256": backbone_sha, "architecture": "efficientnet-lite0"},
-        "scorer_onnx": {"file": engine_name, "sha256": file_sha256(engines / engine_name)},
+        "scorer_onnx": {"file": engine_name, "sha256": file_sha256(engines / engine_name), "bank_input": True,
+                        "capacity": capacity},
         "features_onnx": {"file": features_name, "sha256": file_sha256(engines / features_name)},
         "images": images_meta if images_meta is not None else [],
         "good_set": good_set,

@@ -299,7 +299,7 @@ def _check_onnxruntime(calibration: Any, scoring: Any, name: str) -> CheckResult
 
     started = time.monotonic()
     try:
-        backend = create_backend("onnxruntime", calibration.scorer_onnx, threads=scoring.threads)
+        backend = create_backend("onnxruntime", calibration.scorer_onnx, threads=scoring.threads, bank=calibration.bank)
     except Exception as exc:  # a corrupt graph, an opset this onnxruntime lacks, out of memory
         return fail(name, f"ONNX Runtime cannot load {calibration.scorer_onnx}: {type(exc).__name__}: {exc}",
                     f"recalibrate (edge-inspect calibrate --product {calibration.name} --force ...) or upgrade "
@@ -329,7 +329,8 @@ def _check_tensorrt_plan(calibration: Any, scoring: Any, name: str) -> CheckResu
         facts = device.facts()
     finally:
         device.release()
-    key = plan_cache.plan_key(calibration.scorer_onnx, calibration.name, scoring.precision, facts)
+    owner = plan_cache.plan_owner(calibration.scorer_onnx, calibration.name)
+    key = plan_cache.plan_key(calibration.scorer_onnx, owner, scoring.precision, facts)
     plan = plan_cache.plan_path(scoring.engines_dir, key)
     problem = plan_cache.plan_problem(plan, key)
     where = f"{facts.gpu_name}, TensorRT {facts.tensorrt_version}, {scoring.precision}"

@@ -15,6 +15,8 @@ History:
 - 2: every field written; the options block holds what a refit repeats.
 - 3: params.pool_count_pad (how the 3x3 aggregation treats the image border); before, the padding
   was left out of the average.
+- 4: scorer_onnx.bank_input and .capacity: the scorer graph takes the bank as an input (one graph per
+  shape, shared by products); before, the bank was a constant inside a per-product graph.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from ..errors import CalibrationError
 
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 
 # What a field added after version 1 means when it is absent: how those calibrations scored.
 PARAMS_ADDED = {
@@ -76,6 +78,8 @@ def migrate(manifest: dict[str, Any], where: str = "manifest") -> dict[str, Any]
         _v1_to_v2(out)
     if version < 3:
         _v2_to_v3(out)
+    if version < 4:
+        _v3_to_v4(out)
     out["manifest_version"] = MANIFEST_VERSION
     return out
 
@@ -106,6 +110,12 @@ def _v2_to_v3(m: dict[str, Any]) -> None:
         m["params"].setdefault("pool_count_pad", False)  # how every calibration before it aggregated
 
 
+def _v3_to_v4(m: dict[str, Any]) -> None:
+    if isinstance(m.get("scorer_onnx"), dict):
+        m["scorer_onnx"].setdefault("bank_input", False)  # the bank was a constant of the graph
+        m["scorer_onnx"].setdefault("capacity", None)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -133,6 +143,9 @@ def check(manifest: dict[str, Any], path: Path, product: str) -> None:
         entry = manifest.get(key)
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
             raise damaged(f"`{key}` has no file name")
+    scorer = manifest["scorer_onnx"]
+    if scorer["bank_input"] and not (_is_int(scorer["capacity"]) and scorer["capacity"] > 0):
+        raise damaged(f"`scorer_onnx.capacity` is {scorer['capacity']!r}, not a number of bank slots")
 
 
 def load_manifest(path: Path, product: str) -> dict[str, Any]:

@@ -60,6 +60,30 @@ def nearest_distances(queries: np.ndarray, bank: np.ndarray, chunk: int = 4096) 
     return out
 
 
+# What an unused bank slot holds: its |m|^2 term. Any real |f|^2 - 2 m.f + |m|^2 is far below it, so an
+# unused slot is never the nearest; 1e30 leaves FP32 headroom (max 3.4e38) after adding |f|^2.
+UNUSED_SQNORM = np.float32(1e30)
+
+
+def bank_inputs(bank: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scorer graph's two bank inputs for a bank [M, D] in a graph of `capacity` slots:
+    -2 * bank^T [D, capacity] and |m|^2 [1, capacity], slots after M unused (zeros, UNUSED_SQNORM).
+
+    Computed once per bank on the host, so the graph's per-frame head is the same MatMul + Add as
+    with the bank as a constant; a new bank is new inputs, never a new graph."""
+    bank = np.asarray(bank, np.float32)
+    m, d = bank.shape
+    if m > capacity:
+        raise ValueError(f"a bank of {m} patches does not fit a scorer graph of capacity {capacity}")
+    if m == 0:
+        raise ValueError("an empty bank: nothing to compare frames with")
+    neg2t = np.zeros((d, capacity), np.float32)
+    neg2t[:, :m] = -2.0 * bank.T
+    sqnorm = np.full((1, capacity), UNUSED_SQNORM, np.float32)
+    sqnorm[0, :m] = (bank.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    return neg2t, sqnorm
+
+
 def features_to_patches(features: np.ndarray) -> np.ndarray:
     """[N, D, h, w] -> [N*h*w, D] (row order: image, y, x)."""
     n, d, h, w = features.shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,15 @@ class ProductCalibration:
     calibration_id: str
     params: ScorerParams
     manifest: dict[str, Any]
-    version: int | None = None  # the calibration version (scorer/versions.py); None: calibrated before versioning
+    version: int | None = None  # the calibration version (calibration/store.py); None: calibrated before versioning
+    # The memory bank [M, D] when the scorer graph takes it as an input (None: the bank is inside the graph).
+    bank: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def bank_capacity(self) -> int | None:
+        """Bank slots of a shared scorer graph (None: a graph with its bank inside)."""
+        entry = self.manifest["scorer_onnx"]
+        return int(entry["capacity"]) if entry["bank_input"] else None
 
     @property
     def bank_sha256(self) -> str:
@@ -61,8 +69,8 @@ def default_engines_dir(calibration_dir: str | Path) -> Path:
     return Path(calibration_dir).resolve().parent / "engines"
 
 
-def _check_bank(directory: Path, entry: Any, product: str) -> None:
-    """memory_bank.npy must load and hash (of its array bytes) to what calibrate recorded."""
+def _load_bank(directory: Path, entry: Any, product: str) -> np.ndarray:
+    """memory_bank.npy, which must load and hash (of its array bytes) to what calibrate recorded."""
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
         raise CalibrationError(f"{directory / MANIFEST_FILE}: `bank` has no sha256: {recalibrate_hint(product)}")
     path = directory / str(entry["file"])
@@ -77,6 +85,7 @@ def _check_bank(directory: Path, entry: Any, product: str) -> None:
             f"{path} (the memory bank) does not match the sha256 in {directory / MANIFEST_FILE}: it was changed or "
             f"damaged after calibration; {recalibrate_hint(product)}"
         )
+    return bank
 
 
 def _check_file_hash(path: Path, entry: dict[str, Any], what: str, manifest_path: Path, product: str) -> None:
@@ -129,8 +138,10 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
             f"recalibrate with `edge-inspect calibrate --product {product} --images DIR --force` or point "
             "scoring.engines_dir at the folder that holds it"
         )
+    bank = None
+    if verify or manifest["scorer_onnx"]["bank_input"]:  # a shared graph needs the bank to score
+        bank = _load_bank(directory, manifest.get("bank"), product)
     if verify:
-        _check_bank(directory, manifest.get("bank"), product)
         _check_file_hash(scorer_onnx, graphs["scorer_onnx"][1], "the scorer graph", manifest_path, product)
         if features_onnx.is_file():  # only the VLM's reference retrieval needs it; ReferenceIndex says so when missing
             _check_file_hash(features_onnx, graphs["features_onnx"][1], "the feature graph", manifest_path, product)
@@ -147,6 +158,7 @@ def load_product(calibration_dir: str | Path, product: str, engines_dir: str | P
         params=params,
         manifest=manifest,
         version=version,
+        bank=bank if manifest["scorer_onnx"]["bank_input"] else None,
     )
 
 
@@ -159,7 +171,8 @@ class Scorer:
             self.backend = backend
         else:
             try:
-                self.backend = create_backend(backend, product.scorer_onnx, threads=threads, product=product, **backend_options)
+                self.backend = create_backend(backend, product.scorer_onnx, threads=threads, product=product,
+                                              bank=product.bank, **backend_options)
             except UserError:
                 raise
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime/TensorRT refuse a damaged graph in many ways
@@ -177,14 +190,24 @@ class Scorer:
     def prepare(self, bgr: np.ndarray) -> np.ndarray:
         return to_input(crop_roi(bgr, self.product.roi), self.product.input_size, out=self._input)
 
-    def score(self, bgr: np.ndarray) -> ScoreResult:
+    @property
+    def gives_features(self) -> bool:
+        """score(features=True) returns the frame's patch features (a graph with the bank as an input)."""
+        return self.backend.has_features
+
+    def score(self, bgr: np.ndarray, features: bool = False) -> ScoreResult:
         started = time.perf_counter()
-        anomaly_map, score = self.backend.run(self.prepare(bgr))
+        patch_features = None
+        if features and self.backend.has_features:
+            anomaly_map, score, patch_features = self.backend.run_features(self.prepare(bgr))
+        else:
+            anomaly_map, score = self.backend.run(self.prepare(bgr))
         return ScoreResult(
             score=score,
             threshold=self.product.threshold,
             anomaly_map=np.asarray(anomaly_map, dtype=np.float32),  # backends hand out arrays the caller owns
             latency_ms=(time.perf_counter() - started) * 1000.0,
+            patch_features=patch_features,
         )
 
     def close(self) -> None:

@@ -211,29 +211,50 @@ def build_features_model(folded: dict[str, np.ndarray], params: ScorerParams) ->
     return g.model([_image_input(params.input_size)], outputs, "edge_inspect_features")
 
 
+SHARED_GRAPH_PREFIX = "scorer-"  # graphs that take the bank as an input: named by content, shared by products
+BANK_INPUT = "bank_x_minus2"  # [D, capacity]: -2 * bank^T (memory_bank.bank_inputs)
+BANK_SQNORM_INPUT = "bank_sqnorm"  # [1, capacity]: |m|^2, unused slots memory_bank.UNUSED_SQNORM
+FEATURES_OUTPUT = "features"  # [1, D, h, w]: the patch features the map was scored from
+
+
 def build_scorer_model(
     folded: dict[str, np.ndarray],
     params: ScorerParams,
-    bank: np.ndarray,
+    bank: np.ndarray | None = None,
     metadata: dict[str, str] | None = None,
+    capacity: int | None = None,
 ) -> onnx.ModelProto:
-    """image -> anomaly_map [1,1,H,W], score [1]. The memory bank [M, D] is a graph constant.
+    """image -> anomaly_map [1,1,H,W], score [1]; the bank a graph constant (bank=) or two inputs (capacity=).
 
     Squared distances in matrix-product form: |f - m|^2 = |f|^2 - 2 m.f + |m|^2; the min over the bank
     of (|m|^2 - 2 m.f) is one MatMul + Add + ReduceMin, then |f|^2 is added per patch. Patches are rows
     ([hw, D] x [D, M]) so the min runs along contiguous memory: 1.1 ms less per frame in ONNX Runtime
     than the [M, D] x [D, hw] layout with a min down the columns (2048 x 192 bank, 2 threads).
+
+    With `capacity` the bank is an input ([D, capacity] and [1, capacity], memory_bank.bank_inputs) and
+    the patch features are a third output: one graph (and TensorRT plan) serves every product and
+    version of these params, each with its own bank, and a refit needs no new graph. With `bank` (the
+    form calibrations before it wrote) the graph is the same as it always was, so their files rebuild
+    bit for bit.
     """
+    if (bank is None) == (capacity is None):
+        raise ValueError("give the bank (a constant) or a capacity (the bank as an input), not both")
     g = GraphBuilder()
     f, _, (h, w) = _patch_features(g, folded, params)
-    d = bank.shape[1]
-    if d != output_dim(params):
-        raise ValueError(f"memory bank has {d}-dim patches but the scorer params give {output_dim(params)}-dim features")
+    d = output_dim(params)
+    if bank is not None and bank.shape[1] != d:
+        raise ValueError(f"memory bank has {bank.shape[1]}-dim patches but the scorer params give {d}-dim features")
+    if capacity is not None:
+        g.nodes[-1].output[0] = f = FEATURES_OUTPUT  # an output, and the head's input
     flat = g.op("Reshape", [f, g.const(np.array([d, h * w], np.int64))], prefix="patches")  # [D, hw]
     rows = g.op("Transpose", [flat], prefix="patches", perm=[1, 0])  # [hw, D]
-    bank_t = np.ascontiguousarray((-2.0 * bank).T.astype(np.float32))  # [D, M]
-    cross = g.op("MatMul", [rows, g.const(bank_t, "bank_x_minus2")], prefix="knn")  # [hw, M]
-    cross = g.op("Add", [cross, g.const((bank.astype(np.float64) ** 2).sum(1)[None, :].astype(np.float32), "bank_sqnorm")], prefix="knn")
+    if bank is not None:
+        bank_t = g.const(np.ascontiguousarray((-2.0 * bank).T.astype(np.float32)), "bank_x_minus2")  # [D, M]
+        bank_sq = g.const((bank.astype(np.float64) ** 2).sum(1)[None, :].astype(np.float32), "bank_sqnorm")
+    else:
+        bank_t, bank_sq = BANK_INPUT, BANK_SQNORM_INPUT
+    cross = g.op("MatMul", [rows, bank_t], prefix="knn")  # [hw, M]
+    cross = g.op("Add", [cross, bank_sq], prefix="knn")
     nearest = g.op("ReduceMin", [cross], prefix="knn", axes=[1], keepdims=1)  # [hw, 1]
     sq = g.op("Mul", [rows, rows], prefix="sqnorm")
     sq = g.op("ReduceSum", [sq, g.const(np.array([1], np.int64))], prefix="sqnorm", keepdims=1)  # [hw, 1]
@@ -259,11 +280,16 @@ def build_scorer_model(
         g.op("ReduceMax", ["anomaly_map"], prefix="score", keepdims=0)
     g.op("Reshape", [g.nodes[-1].output[0], g.const(np.array([1], np.int64))], prefix="score")
     g.nodes[-1].output[0] = "score"
+    inputs = [_image_input(params.input_size)]
     outputs = [
         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 1, H, W]),
         helper.make_tensor_value_info("score", TensorProto.FLOAT, [1]),
     ]
-    return g.model([_image_input(params.input_size)], outputs, "edge_inspect_scorer", metadata)
+    if capacity is not None:
+        inputs += [helper.make_tensor_value_info(BANK_INPUT, TensorProto.FLOAT, [d, capacity]),
+                   helper.make_tensor_value_info(BANK_SQNORM_INPUT, TensorProto.FLOAT, [1, capacity])]
+        outputs.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, [1, d, h, w]))
+    return g.model(inputs, outputs, "edge_inspect_scorer", metadata)
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:

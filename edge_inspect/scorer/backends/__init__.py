@@ -2,12 +2,19 @@
 
 Every backend runs the *same* ONNX scorer graph:
 
-    input  "image"        float32 [1, 3, H, W]  RGB, 0..255 (normalisation is inside the graph)
-    output "anomaly_map"  float32 [1, 1, H, W]  smoothed patch distances at input resolution
-    output "score"        float32 [1]           image anomaly score
+    input  "image"          float32 [1, 3, H, W]  RGB, 0..255 (normalisation is inside the graph)
+    input  "bank_x_minus2"  float32 [D, C]        -2 x the memory bank, transposed (C slots: the capacity)
+    input  "bank_sqnorm"    float32 [1, C]        |m|^2 per slot; unused slots never nearest
+    output "anomaly_map"    float32 [1, 1, H, W]  smoothed patch distances at input resolution
+    output "score"          float32 [1]           image anomaly score
+    output "features"       float32 [1, D, h, w]  the patch features (stream learning)
+
+The bank inputs are the backend's own, set once from `bank=` (memory_bank.bank_inputs): one graph,
+one ONNX Runtime session and one TensorRT plan serve every product of that shape. Graphs written
+before the bank was an input hold it as a constant and have only the image input and two outputs.
 
 Example:
-    backend = create_backend("auto", onnx_path, threads=2)
+    backend = create_backend("auto", onnx_path, threads=2, bank=product.bank)
     anomaly_map, score = backend.run(image_nchw)
 """
 

@@ -28,6 +28,14 @@ class ScorerBackend(ABC):
         The map must be an array the caller owns (never a view of a buffer the next call reuses).
         """
 
+    def run_features(self, image: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """As run, plus the patch features [D, h, w] the map was scored from (graphs with the bank as an
+        input have them as an output; stream learning keeps them for candidate frames)."""
+        raise NotImplementedError(f"the {self.name} backend does not return patch features")
+
+    has_features: bool = False  # run_features works
+    capacity: int | None = None  # bank slots of a graph that takes the bank as an input; None: bank inside
+
     @property
     @abstractmethod
     def input_shape(self) -> tuple[int, int, int, int]:

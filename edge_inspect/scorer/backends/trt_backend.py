@@ -38,6 +38,8 @@ import numpy as np
 from ...errors import UserError
 from ...files import write_atomic
 from ...imageio import read_bgr, to_input
+from ..memory_bank import bank_inputs
+from ..scorer_graph import BANK_INPUT, BANK_SQNORM_INPUT, FEATURES_OUTPUT
 from . import trt_plan_cache as plan_cache
 from .base import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, ScorerBackend
 
@@ -300,10 +302,13 @@ def _save_timing_cache(config, path: Path) -> None:
         write_atomic(path, memoryview(cache.serialize()).tobytes())
 
 
-def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[np.ndarray], cache_path: Path):
+def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[np.ndarray], cache_path: Path,
+                     constants: dict[str, np.ndarray] | None = None):
     """INT8 entropy calibrator fed with the product's good images, one [1,3,H,W] image per batch.
 
     Given images, it calibrates afresh (and rewrites the cache); without, TensorRT reuses the cached scales.
+    `constants`: the other inputs of the graph (the bank inputs of a graph that takes the bank), the same
+    for every batch; get_batch answers device pointers in the order of the names TensorRT asks for.
 
     trt.IInt8EntropyCalibrator2 is deprecated since TensorRT 10.1 (superseded by explicit Q/DQ
     quantization) but present through 10.x. Pattern: samples/python/efficientnet/build_engine.py.
@@ -315,6 +320,11 @@ def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[n
             self._images = iter(images)
             self._host = cuda.pagelocked_empty(input_shape, np.float32)
             self._device = cuda.mem_alloc(self._host.nbytes)
+            self._constants = {}
+            for name, array in (constants or {}).items():
+                buffer = cuda.mem_alloc(np.ascontiguousarray(array, np.float32).nbytes)
+                cuda.memcpy_htod(buffer, np.ascontiguousarray(array, np.float32))
+                self._constants[name] = buffer
             self.used = 0
 
         def get_batch_size(self) -> int:
@@ -328,7 +338,7 @@ def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[n
             np.copyto(self._host, image)
             cuda.memcpy_htod(self._device, self._host)
             self.used += 1
-            return [int(self._device)]
+            return [int(self._constants[name]) if name in self._constants else int(self._device) for name in names]
 
         def read_calibration_cache(self):
             if images or not cache_path.is_file():
@@ -341,6 +351,8 @@ def _make_calibrator(trt, cuda, input_shape: tuple[int, ...], images: Sequence[n
         def free(self) -> None:
             self._device.free()
             self._host.base.free()
+            for buffer in self._constants.values():
+                buffer.free()
 
     return _GoodPartsCalibrator()
 
@@ -354,10 +366,12 @@ def build_plan(
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
     calibration_images: Sequence[np.ndarray] | None = None,
     progress: Progress | None = None,
+    calibration_bank: np.ndarray | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Compile `onnx_path` for `key` on `device`. Returns (serialized plan, sidecar facts).
 
-    Uses the timing cache in engines_dir and, for INT8, the calibration cache or calibration_images.
+    Uses the timing cache in engines_dir and, for INT8, the calibration cache or calibration_images
+    (with calibration_bank as the bank inputs when the graph takes the bank).
     """
     import tensorrt as trt
 
@@ -368,8 +382,9 @@ def build_plan(
     calibration_cache = plan_cache.calibration_cache_path(engines_dir, key)
     if key.precision == "int8" and not images and not calibration_cache.is_file():
         raise UserError(
-            f"an INT8 plan for {key.product!r} needs calibration images and there is no calibration cache "
-            f"({calibration_cache.name}): run `edge-inspect build-engine --product {key.product} --precision int8`"
+            f"an INT8 plan for {plan_cache.owner_words(key)[0]} needs calibration images and there is no calibration "
+            f"cache ({calibration_cache.name}): run `edge-inspect build-engine --product {plan_cache.owner_words(key)[1]} "
+            "--precision int8`"
         )
     builder = network = parser = config = timing_cache = None
     with device.active() as cuda:
@@ -394,7 +409,12 @@ def build_plan(
             calibrator = None
             if key.precision == "int8":
                 config.set_flag(trt.BuilderFlag.INT8)
-                calibrator = _make_calibrator(trt, cuda, key.input_shape, images, calibration_cache)
+                constants = None
+                if calibration_bank is not None:
+                    capacity = next(network.get_input(i).shape[1] for i in range(network.num_inputs)
+                                    if network.get_input(i).name == BANK_INPUT)
+                    constants = dict(zip((BANK_INPUT, BANK_SQNORM_INPUT), bank_inputs(calibration_bank, int(capacity))))
+                calibrator = _make_calibrator(trt, cuda, key.input_shape, images, calibration_cache, constants)
                 config.int8_calibrator = calibrator  # deprecated in 10.1, present in 10.x
                 source = f"{len(images)} good images" if images else f"cached scales {calibration_cache.name}"
                 report(f"INT8 calibration from {source}")
@@ -457,10 +477,14 @@ class TensorRTBackend(ScorerBackend):
     precision: fp16 (default) | int8 | fp32. product: a scorer.product.ProductCalibration or a name.
     engines_dir: where plans live (default: the product's engines dir, else the ONNX's folder).
     allow_build: build a missing/stale plan (minutes) instead of refusing. device: CUDA device index.
+    bank: the memory bank [M, D], for a graph that takes it as an input. Such a graph's plan is named
+    after the graph, not the product: every product and version of that shape shares it, and each
+    backend (execution context) holds its own bank on the device, copied once here.
     """
 
     name = "tensorrt"
-    OPTIONS = ("precision", "product", "engines_dir", "allow_build", "workspace_mib", "device", "calibration_images", "progress", "force_build")
+    OPTIONS = ("precision", "product", "engines_dir", "allow_build", "workspace_mib", "device", "calibration_images",
+               "progress", "force_build", "bank")
 
     def __init__(
         self,
@@ -474,6 +498,7 @@ class TensorRTBackend(ScorerBackend):
         calibration_images: Sequence[np.ndarray] | None = None,
         progress: Progress | None = None,
         force_build: bool = False,
+        bank: np.ndarray | None = None,
     ) -> None:
         self._gpu: CudaDevice | None = None
         self._closed = False
@@ -485,7 +510,11 @@ class TensorRTBackend(ScorerBackend):
         if not ok:
             raise UserError(f"scoring.backend tensorrt: {reason}; use scoring.backend: auto or onnxruntime")
         onnx_path = Path(onnx_path)
-        product_name = getattr(product, "name", product) or onnx_path.stem
+        shared = plan_cache.takes_bank(onnx_path)
+        if shared and bank is None:
+            raise UserError(f"{onnx_path} takes the memory bank as an input and none was given")
+        self._bank = bank if shared else None
+        product_name = plan_cache.plan_owner(onnx_path, getattr(product, "name", product) or onnx_path.stem)
         plan_dir = Path(engines_dir) if engines_dir else Path(getattr(product, "engines_dir", onnx_path.parent))
         self.precision = precision
         try:
@@ -497,7 +526,8 @@ class TensorRTBackend(ScorerBackend):
                 images = calibration_images
                 if k.precision == "int8" and images is None and product is not None and hasattr(product, "directory"):
                     images = good_images(product)
-                return build_plan(k, onnx_path, device=self._gpu, engines_dir=plan_dir, workspace_mib=workspace_mib, calibration_images=images, progress=progress)
+                return build_plan(k, onnx_path, device=self._gpu, engines_dir=plan_dir, workspace_mib=workspace_mib,
+                                  calibration_images=images, progress=progress, calibration_bank=self._bank)
 
             self.plan_path = plan_cache.find_or_build_plan(key, plan_dir, allow_build=allow_build, build=build, force=force_build)
             self._load(key)
@@ -515,13 +545,17 @@ class TensorRTBackend(ScorerBackend):
             if self._engine is None:
                 raise UserError(
                     f"TensorRT {key.tensorrt_version} could not load {self.plan_path} (errors logged above); "
-                    f"rebuild it: `edge-inspect build-engine --product {key.product} --precision {key.precision} --force`"
+                    f"rebuild it: `edge-inspect build-engine --product {plan_cache.owner_words(key)[1]} --precision "
+                    f"{key.precision} --force`"
                 )
-            expected = {
+            expected: dict[str, tuple[Any, tuple[int, ...] | None]] = {
                 INPUT_NAME: (trt.TensorIOMode.INPUT, tuple(key.input_shape)),
                 MAP_OUTPUT: (trt.TensorIOMode.OUTPUT, (1, 1, *key.input_shape[-2:])),
                 SCORE_OUTPUT: (trt.TensorIOMode.OUTPUT, None),
             }
+            if self._bank is not None:  # the shapes come from the plan; bank_inputs checks the bank fits them
+                expected.update({BANK_INPUT: (trt.TensorIOMode.INPUT, None), BANK_SQNORM_INPUT: (trt.TensorIOMode.INPUT, None),
+                                 FEATURES_OUTPUT: (trt.TensorIOMode.OUTPUT, None)})
             # samples/python/common_runtime.py allocate_buffers: name-based I/O introspection (TRT 10)
             names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
             if sorted(names) != sorted(expected):
@@ -541,6 +575,13 @@ class TensorRTBackend(ScorerBackend):
                 if not self._context.set_tensor_address(name, int(buffer)):
                     raise RuntimeError(f"TensorRT refused the device address for {name!r}")
                 self._host[name], self._device_buffers[name] = host, buffer
+            if self._bank is not None:  # this context's bank: on the device once, read by every frame
+                capacity = int(self._host[BANK_INPUT].shape[1])
+                for name, array in zip((BANK_INPUT, BANK_SQNORM_INPUT), bank_inputs(self._bank, capacity)):
+                    np.copyto(self._host[name], array)
+                    cuda.memcpy_htod(self._device_buffers[name], self._host[name])
+                self.capacity = capacity
+                self.has_features = True
         self._input_shape = tuple(key.input_shape)
         log.info("TensorRT plan %s loaded on %s (%s)", self.plan_path.name, self.facts.gpu_name, self.precision)
 
@@ -549,6 +590,16 @@ class TensorRTBackend(ScorerBackend):
         return self._input_shape  # type: ignore[return-value]
 
     def run(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        anomaly_map, score, _ = self._execute(image, features=False)
+        return anomaly_map, score
+
+    def run_features(self, image: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        if not self.has_features:
+            raise NotImplementedError("this plan has no features output (its graph holds the bank as a constant)")
+        anomaly_map, score, features = self._execute(image, features=True)
+        return anomaly_map, score, features
+
+    def _execute(self, image: np.ndarray, features: bool) -> tuple[np.ndarray, float, np.ndarray | None]:
         if self._closed:
             raise RuntimeError("TensorRT backend is closed")
         if tuple(image.shape) != self._input_shape:
@@ -562,9 +613,12 @@ class TensorRTBackend(ScorerBackend):
                 raise RuntimeError("TensorRT execute_async_v3 failed (errors logged above)")
             cuda.memcpy_dtoh_async(host[MAP_OUTPUT], device[MAP_OUTPUT], self._stream)
             cuda.memcpy_dtoh_async(host[SCORE_OUTPUT], device[SCORE_OUTPUT], self._stream)
+            if features:
+                cuda.memcpy_dtoh_async(host[FEATURES_OUTPUT], device[FEATURES_OUTPUT], self._stream)
             self._stream.synchronize()
-            # the host buffers are reused by the next frame: hand out a copy of the map
-            return host[MAP_OUTPUT][0, 0].copy(), float(host[SCORE_OUTPUT].reshape(-1)[0])
+            # the host buffers are reused by the next frame: hand out copies
+            patch_features = host[FEATURES_OUTPUT][0].copy() if features else None
+            return host[MAP_OUTPUT][0, 0].copy(), float(host[SCORE_OUTPUT].reshape(-1)[0]), patch_features
 
     def describe(self) -> dict[str, Any]:
         facts = getattr(self, "facts", None)

@@ -96,7 +96,8 @@ def build_engine(product, precision: str, *, images_dir: str | None = None, work
     tolerance = tolerance if tolerance is not None else DEFAULT_TOLERANCE[precision]
     images = _images(images_dir, product)
     check_images = images[:CHECK_IMAGES]
-    options = dict(product=product, engines_dir=product.engines_dir, allow_build=True, workspace_mib=workspace_mib, progress=say)
+    options = dict(product=product, engines_dir=product.engines_dir, allow_build=True, workspace_mib=workspace_mib, progress=say,
+                   bank=product.bank)
 
     started = time.monotonic()
     backend = TensorRTBackend(product.scorer_onnx, precision=precision, force_build=force, calibration_images=images if precision == "int8" else None, **options)
@@ -110,7 +111,7 @@ def build_engine(product, precision: str, *, images_dir: str | None = None, work
         backend.close()
     summary.update(plan=str(backend.plan_path), latency_ms_median=round(latency, 3), device=backend.facts.gpu_name, tensorrt=backend.facts.tensorrt_version)
 
-    reference = OrtBackend(product.scorer_onnx, use_cuda=False)
+    reference = OrtBackend(product.scorer_onnx, use_cuda=False, bank=product.bank)
     try:
         fp32_results = [reference.run(x) for x in check_images]
     finally:

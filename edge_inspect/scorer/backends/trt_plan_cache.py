@@ -33,6 +33,8 @@ import onnx
 
 from ...errors import UserError
 from ...files import bytes_sha256, file_sha256, write_atomic
+from ..scorer_graph import BANK_INPUT, BANK_SQNORM_INPUT, SHARED_GRAPH_PREFIX
+from .base import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ class DeviceFacts:
 class PlanKey:
     """Everything a plan depends on. Two plans are interchangeable only if their keys are equal."""
 
-    product: str
-    graph_sha256: str  # the scorer ONNX, memory bank included (it is a graph constant)
+    product: str  # the product, or for a graph that takes the bank as an input the graph's name (shared)
+    graph_sha256: str  # the scorer ONNX (with its memory bank when the bank is a graph constant)
     input_shape: tuple[int, ...]
     precision: str
     gpu_name: str
@@ -88,24 +90,50 @@ class PlanKey:
         return [f"{k}: plan {theirs[k]!r} vs here {mine[k]!r}" for k in mine if mine[k] != theirs.get(k)]
 
 
+def owner_words(key: PlanKey) -> tuple[str, str]:
+    """(what the plan is for, the --product argument that rebuilds it) for messages: a product, or a
+    graph every product of its shape shares."""
+    if key.product.startswith(SHARED_GRAPH_PREFIX):
+        return f"the shared scorer graph {key.product!r}", "PRODUCT (any product scored with this graph)"
+    return f"product {key.product!r}", key.product
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-").lower() or "x"
 
 
 def describe_graph(onnx_path: str | Path) -> tuple[str, tuple[int, ...]]:
-    """(sha256 of the ONNX file, static input shape of its single input). Reads the file once."""
+    """(sha256 of the ONNX file, static shape of its image input). Reads the file once.
 
+    A scorer graph has the image input and, when the memory bank is an input, the two bank inputs
+    (scorer_graph.BANK_INPUT, BANK_SQNORM_INPUT) with static shapes too."""
     data = Path(onnx_path).read_bytes()
     model = onnx.load_from_string(data)
     initializers = {t.name for t in model.graph.initializer}
-    inputs = [vi for vi in model.graph.input if vi.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"{onnx_path}: a scorer graph has exactly one input, found {[vi.name for vi in inputs]}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
-    if any(d <= 0 for d in shape):
-        raise UserError(f"{onnx_path}: input {inputs[0].name!r} must have a static shape, got {shape}; re-run calibrate")
-    return bytes_sha256(data), shape
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in initializers}
+    if set(inputs) not in ({INPUT_NAME}, {INPUT_NAME, BANK_INPUT, BANK_SQNORM_INPUT}):
+        raise UserError(f"{onnx_path}: a scorer graph takes {INPUT_NAME!r} (and the bank inputs {BANK_INPUT!r}, "
+                        f"{BANK_SQNORM_INPUT!r}), found {sorted(inputs)}")
+    shapes = {}
+    for name, vi in inputs.items():
+        dims = vi.type.tensor_type.shape.dim
+        shapes[name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+        if any(d <= 0 for d in shapes[name]):
+            raise UserError(f"{onnx_path}: input {name!r} must have a static shape, got {shapes[name]}; re-run calibrate")
+    return bytes_sha256(data), shapes[INPUT_NAME]
+
+
+def plan_owner(onnx_path: str | Path, product: str) -> str:
+    """Whose plan a graph gets: the product's for a graph with its bank inside, the graph's own name (shared
+    by every product of its shape) for a graph that takes the bank as an input."""
+    return Path(onnx_path).stem if takes_bank(onnx_path) else product
+
+
+def takes_bank(onnx_path: str | Path) -> bool:
+    """Whether a scorer graph takes the memory bank as an input (one graph and plan for every product of
+    its shape) or holds it as a constant (one per product and bank)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return BANK_INPUT in {vi.name for vi in model.graph.input}
 
 
 def plan_key(onnx_path: str | Path, product: str, precision: str, device: DeviceFacts) -> PlanKey:
@@ -233,7 +261,7 @@ def find_or_build_plan(
 def _refusal(key: PlanKey, engines_dir: str | Path, plan: Path, problem: str) -> str:
     h, w = key.input_shape[-2:]
     lines = [
-        f"no usable TensorRT plan for product {key.product!r} ({key.precision}, {h}x{w}, {key.gpu_name} "
+        f"no usable TensorRT plan for {owner_words(key)[0]} ({key.precision}, {h}x{w}, {key.gpu_name} "
         f"sm_{key.compute_capability.replace('.', '')}, TensorRT {key.tensorrt_version}, graph {key.graph_sha256[:12]}) "
         f"and scoring.allow_engine_build is false.",
         f"  {plan.name}: {problem}",
@@ -250,7 +278,7 @@ def _refusal(key: PlanKey, engines_dir: str | Path, plan: Path, problem: str) ->
             diffs = [f"unreadable key ({exc})"]
         lines.append(f"  {other.name}: " + ("; ".join(diffs) or "same key"))
     lines.append(
-        f"Fix: run `edge-inspect build-engine --product {key.product} --precision {key.precision}` on this device, "
+        f"Fix: run `edge-inspect build-engine --product {owner_words(key)[1]} --precision {key.precision}` on this device, "
         "or set scoring.allow_engine_build: true."
     )
     return "\n".join(lines)
