@@ -17,14 +17,14 @@ import pytest
 import edge_inspect
 
 EXPECTED = """
-cli errors records imageio localize evidence
+cli errors records imageio localize evidence log_limit
 config config.base config.capture config.evidence config.mqtt config.scoring config.vlm config.feedback config.threshold
 capture capture.sources capture.reader capture.triggers capture.geometry
 scorer scorer.backbone scorer.params scorer.memory_bank scorer.scorer_graph scorer.threshold
 scorer.calibrate scorer.synth scorer.product scorer.versions
 scorer.backends scorer.backends.ort_backend scorer.backends.trt_backend scorer.backends.trt_plan_cache
 scorer.backends.trt_compat scorer.backends.trt_build
-vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.worker vlm.stage vlm.followup vlm.ask
+vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.sampling vlm.worker vlm.stage vlm.followup vlm.ask
 mqtt mqtt.client mqtt.dispatch mqtt.request_queue mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.feedback mqtt.listen
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
 daemon.sdnotify daemon.drift
