@@ -263,3 +263,32 @@ def test_a_retained_product_set_is_not_applied_again_after_a_reconnect(tmp_path,
         assert daemon.log.count("switching every camera to product brick-b") == 1  # no reload of the scorer
         daemon.send(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_network_thread_that_keeps_dying_stops_run_with_exit_1_for_systemd(tmp_path, product, mosquitto_broker):
+    """Issue 23: a dead paho thread is restarted; one that cannot be kept alive ends `run` with exit code 1
+    (Restart=on-failure restarts the service) instead of a daemon that silently publishes nothing."""
+    import threading
+
+    from publisher_harness import kill_network_thread
+
+    from edge_inspect.config import load_config
+    from edge_inspect.daemon.daemon import Daemon as InProcessDaemon
+
+    write_frames(tmp_path / "frames", product, 4)
+    config = load_config(write_config(tmp_path, product, mosquitto_broker.port,
+                                      source={"type": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True},
+                                      trigger={"mode": "every_frame"}))
+    with MessageCollector(mosquitto_broker.port, [RESULT]) as collector:
+        collector.wait_subscribed()
+        daemon = InProcessDaemon(config)
+        outcome: list[int] = []
+        runner = threading.Thread(target=lambda: outcome.append(daemon.run()), daemon=True)
+        runner.start()
+        assert wait_until(lambda: len(results(collector)) >= 3, 120)
+        kill_network_thread(daemon.publisher._client, times=1000)
+        runner.join(120)
+    assert not runner.is_alive() and outcome == [1]
+    assert daemon.publisher.state()["network_restarts"] == 5
+    assert "mqtt-network" in daemon._hung(0.0, 1e9)
