@@ -99,11 +99,11 @@ def test_small_aliases_still_work():
 def test_username_without_password_and_missing_ca_fail_check_config(tmp_path, monkeypatch):
     monkeypatch.delenv("EDGE_INSPECT_MQTT_PASSWORD", raising=False)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    done = _check(tmp_path, BASE + "mqtt: {username: bob}\n")
+    done = _check(tmp_path, BASE + "mqtt: {username: bob}\n", "--syntax-only")
     assert done.returncode == 2 and "mqtt.username" in done.stderr and "EDGE_INSPECT_MQTT_PASSWORD" in done.stderr
     monkeypatch.setenv("EDGE_INSPECT_MQTT_PASSWORD", "secret")
-    assert _check(tmp_path, BASE + "mqtt: {username: bob}\n").returncode == 0
-    done = _check(tmp_path, BASE + f"mqtt: {{tls: {{enabled: true, ca_file: {tmp_path / 'nope.pem'}}}}}\n")
+    assert _check(tmp_path, BASE + "mqtt: {username: bob}\n", "--syntax-only").returncode == 0
+    done = _check(tmp_path, BASE + f"mqtt: {{tls: {{enabled: true, ca_file: {tmp_path / 'nope.pem'}}}}}\n", "--syntax-only")
     assert done.returncode == 2 and "mqtt.tls.ca_file" in done.stderr
 
 
@@ -159,7 +159,7 @@ def test_check_config_into_a_closed_pipe_prints_no_traceback(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(BASE)
     for extra in ([], ["--json"]):
-        proc = subprocess.Popen([sys.executable, "-m", "edge_inspect.cli", "check-config", str(path), *extra],
+        proc = subprocess.Popen([sys.executable, "-m", "edge_inspect.cli", "check-config", str(path), "--syntax-only", *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdout.read(1)  # `| head -c1`: read one byte, then close the pipe
         proc.stdout.close()

@@ -315,6 +315,7 @@ class ReplaySource(FrameSource):
         self._next_due: float | None = None
         self._noted: set[str] = set()
         self._named: set[str] = set()  # unreadable files already named in the log
+        self.last_skip = ""  # why the last unreadable file was skipped
         self._skipped = 0
         self._log = LogLimiter(log, interval_s=30.0)
 
@@ -409,6 +410,7 @@ class ReplaySource(FrameSource):
     def _skip(self, file: Path, reason: str) -> None:
         """Count an unreadable file; name it the first time, later ones (and repeats on a loop) limited."""
         self._skipped += 1
+        self.last_skip = reason
         if file.name not in self._named and len(self._named) < _NAMED_BAD_FILES:
             self._named.add(file.name)
             log.warning("replay: %s", reason)
