@@ -358,7 +358,7 @@ def test_a_replay_of_good_and_unreadable_files_skips_the_bad_ones_without_a_reco
     finally:
         capture.stop()
     assert values == [0, 20, 40, 60, 80, 100]
-    assert capture.reconnects == 0 and capture.stats()["skipped"] == 6 and capture.finished
+    assert capture.reconnects == 0 and capture.stats()["skipped_unreadable"] == 6 and capture.finished
 
 
 def test_an_emptied_replay_folder_is_retried_at_most_every_second_and_plays_again(tmp_path, image_folder):
@@ -400,7 +400,7 @@ def test_a_looping_replay_of_unreadable_files_logs_a_few_lines_not_one_per_file_
         elapsed = time.monotonic() - started
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("edge_inspect.capture")]
     assert len(lines) <= 5 + 6 * (2 + elapsed / 30), "\n".join(lines)  # 5 files named once, 6 kinds limited
-    assert capture.stats()["skipped"] >= 12 * 5  # every skip counted, though not every one logged
+    assert capture.stats()["skipped_unreadable"] >= 12 * 5  # every skip counted, though not every one logged
 
 
 def test_capture_of_a_paced_replay_drops_what_a_slow_pipeline_misses(image_folder):

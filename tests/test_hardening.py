@@ -689,3 +689,17 @@ def test_log_limiter_logs_the_first_at_once_then_one_line_per_interval_with_the_
         "bad thing 99 (19 more like this in the last 5 s, 100 in total)",
     ]
     assert limiter.total("bad") == 100
+
+
+def test_a_39_7_mp_image_is_refused_naming_the_limit_and_the_fix_and_24_mp_passes():
+    """Issue 23: a 39.7 MP image was accepted (RSS to 426 MB, 937 MB with NG frames); the cap is 25 MP now."""
+    from edge_inspect.errors import UserError
+    from edge_inspect.imageio import MAX_DECODE_PIXELS, check_decode_size
+
+    def jpeg_head(width: int, height: int) -> bytes:  # SOI, then a baseline SOF0 segment with the size
+        return b"\xff\xd8\xff\xc0\x00\x11\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03" + b"\x00" * 64
+
+    with pytest.raises(UserError, match=r"7720x5140 \(39\.7 MP\), more than the 25 MP .*scale it down"):
+        check_decode_size("big.jpg", jpeg_head(7720, 5140))
+    check_decode_size("ok.jpg", jpeg_head(6000, 4000))  # a 24 MP sensor
+    assert MAX_DECODE_PIXELS == 25_000_000

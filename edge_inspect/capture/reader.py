@@ -235,7 +235,7 @@ class Capture:
             "dropped": self.frames.dropped,
             "reconnects": self.reconnects,
             "retry_delay_s": round(self.retry_delay_s, 3),
-            "skipped": self.skipped,
+            "skipped_unreadable": self.skipped,
             "last_frame_age_s": round(age, 2),
             "last_error": self.last_error,
         }
