@@ -130,7 +130,7 @@ pytestmark_broker = pytest.mark.skipif(mosquitto_binary() is None, reason="mosqu
 def test_a_2mb_spool_holds_a_broker_outage_of_its_capacity(small_disk, mosquitto_factory, tmp_path):
     """Before: 81 results filled the log, and a 40 s broker stop then lost 415 results."""
     disk = small_disk("2m")
-    broker = mosquitto_factory()
+    broker = mosquitto_factory(persistence_dir=tmp_path / "broker")  # the historian's session survives the stop
     config = SpoolConfig(path=str(disk / "spool.sqlite3"))
     mqtt = MqttConfig(host="127.0.0.1", port=broker.port, reconnect_min_s=0.2, reconnect_max_s=1.0, keepalive_s=5)
     publisher = ResultPublisher(mqtt, config, STATION)
@@ -206,3 +206,23 @@ def test_run_on_a_full_spool_disk_publishes_unspooled_and_keeps_its_seqs(small_d
     assert all(len(ids) == 1 for ids in ids_by_seq.values()), "a seq was handed out twice"
     stored = sqlite3.connect(spool_path).execute("SELECT value FROM meta WHERE key = 'result_seq'").fetchone()[0]
     assert stored == max(ids_by_seq)
+
+
+def test_the_capacity_follows_other_files_and_freeing_them_lets_a_full_spool_write_again(small_disk, monkeypatch):
+    """Before: the spool's own log held the space, so freeing other files did not help."""
+    disk = small_disk("2m")
+    other = disk / "other.bin"
+    other.write_bytes(b"\0" * 1024 * 1024)  # evidence, logs: another user of the disk
+    monkeypatch.setattr(spool_module, "CAPACITY_REFRESH_S", 0.0)
+    with Spool(SpoolConfig(path=str(disk / "s.sqlite3"))) as spool:
+        crowded = spool.capacity.max_bytes
+        other.unlink()
+        assert _append(spool)[1]
+        assert spool.capacity.max_bytes > crowded + 512 * 1024  # the freed space is the spool's now
+        for _ in range(300):
+            assert _append(spool)[1]
+        filler = fill_disk(disk)  # the rest of the disk taken by another program
+        failed = [stored for _, stored in (_append(spool) for _ in range(300))].count(False)
+        assert failed > 0  # counted by the publisher as unspooled
+        filler.unlink()
+        assert _append(spool)[1] and spool.capacity.max_bytes >= spool.stats()["spool_bytes"]

@@ -3,7 +3,13 @@
 SQLite in WAL mode, one file per daemon (an exclusive lock file refuses a second process). Rows are
 kept in insertion order (`id`), which is also the order they are (re)published in. The sequence
 counters that number results and updates live in the same file and are bumped in the same
-transaction as the insert, so they survive restarts and never run ahead of what was spooled.
+transaction as the insert, so they survive restarts; the lock file keeps a copy of the last seqs
+(rewritten in place), so a restart on a disk too full to open the database never reuses one.
+
+On a small disk the spool stays inside what it can hold (`spool_capacity`: a bounded write-ahead log,
+a byte bound that fits the disk), so an outage fills it up to its policy bound, not the disk. When the
+file cannot be used at all (disk full, I/O error) the spool is *unavailable*: appends number the
+message and raise SpoolWriteError (the publisher sends it unspooled) and the file is tried again.
 
 Example:
     spool = Spool(SpoolConfig(path="/tmp/s.sqlite3"))
@@ -15,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -41,6 +48,7 @@ PRIORITY_NG = 2
 PRIORITY_NAMES = {PRIORITY_OK: "ok", PRIORITY_UPDATE: "update", PRIORITY_NG: "ng"}
 
 RETRY_OPEN_S = 5.0  # a spool its disk refused (full, I/O error) is tried again this often
+CAPACITY_REFRESH_S = 30.0  # the disk's free space is looked at again this often
 WAL_MIN_BYTES = 256 * 1024  # the write-ahead log's bound: 1/8 of the room the spool has, within these
 WAL_MAX_BYTES = 4 * 1024 * 1024
 SHM_BYTES = 32 * 1024  # SQLite's shared-memory index beside the log
@@ -158,6 +166,7 @@ class Spool:
         self._closed = False
         self._next_try = 0.0
         self._next_checkpoint = 0.0
+        self._next_capacity = time.monotonic() + CAPACITY_REFRESH_S
         self.capacity = spool_capacity(config)
         self.unavailable: str | None = None  # why the file cannot be used now; None when it can
         self._open(startup=True)
@@ -184,30 +193,15 @@ class Spool:
         with self._lock:
             self._check_open()
             self._retry_open()
+            self._refresh_capacity()
             seq = self._counters.get(counter, 0) + 1
             payload = make_payload(seq)
             if self._db is None:
                 self._counters[counter] = seq
                 self._write_record()
                 raise SpoolWriteError(f"the spool is unavailable ({self.unavailable})", seq, payload)
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (counter, seq),
-                )
-                dropped, keep_new = self._make_room(len(payload), priority, seq)
-                row_id = None
-                if keep_new:
-                    cursor = self._db.execute(
-                        "INSERT INTO messages (kind, topic, seq, priority, created, origin, payload) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (kind, topic, seq, priority, time.time(), origin, payload),
-                    )
-                    row_id = cursor.lastrowid
-                for name, _ in dropped:
-                    self._bump_locked(f"dropped_{name}")
-                self._db.execute("COMMIT")
+                dropped, row_id = self._store(kind, topic, priority, origin, counter, seq, payload)
             except sqlite3.Error as exc:
                 self._rollback()
                 self._recount()
@@ -221,10 +215,32 @@ class Spool:
                 raise
             self._counters[counter] = seq
             self._write_record()
-            if keep_new:
-                self._rows += 1
-                self._bytes += len(payload)
             return AppendResult(seq=seq, row_id=row_id, dropped=tuple(dropped))
+
+    def _store(self, kind: str, topic: str, priority: int, origin: str, counter: str, seq: int,
+               payload: bytes) -> tuple[list[tuple[str, int]], int | None]:
+        """One transaction: the counter, the evictions that make room, the row."""
+        assert self._db is not None
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (counter, seq),
+        )
+        dropped, keep_new = self._make_room(len(payload), priority, seq)
+        row_id = None
+        if keep_new:
+            cursor = self._db.execute(
+                "INSERT INTO messages (kind, topic, seq, priority, created, origin, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (kind, topic, seq, priority, time.time(), origin, payload),
+            )
+            row_id = cursor.lastrowid
+        for name, _ in dropped:
+            self._bump_locked(f"dropped_{name}")
+        self._db.execute("COMMIT")
+        if keep_new:
+            self._rows += 1
+            self._bytes += len(payload)
+        return dropped, row_id
 
     def _make_room(self, size: int, priority: int, seq: int) -> tuple[list[tuple[str, int]], bool]:
         """Evict rows until one more of `size` bytes fits. Returns (evicted, whether the new row is kept)."""
@@ -452,6 +468,23 @@ class Spool:
         """While unavailable: try the file again, at most every RETRY_OPEN_S (lock held)."""
         if self._db is None and time.monotonic() >= self._next_try:
             self._open(startup=False)
+
+    def _refresh_capacity(self) -> None:
+        """Follow the disk (lock held): more room when space was freed, less when other files took it, but
+        never below what the spool holds now (evicting hundreds of rows at once needs log space a full disk
+        lacks). A disk other files filled up makes writes fail (unspooled, counted) until they free it."""
+        now = time.monotonic()
+        if self._db is None or now < self._next_capacity:
+            return
+        self._next_capacity = now + CAPACITY_REFRESH_S
+        try:
+            fresh = spool_capacity(self.config)
+        except OSError:
+            return
+        floor = min(self.capacity.max_bytes, self._bytes)
+        if fresh.max_bytes < floor:
+            fresh = dataclasses.replace(fresh, max_bytes=floor)
+        self.capacity = fresh
 
     def _set_unavailable(self, reason: str) -> None:
         first = self.unavailable is None
