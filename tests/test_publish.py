@@ -344,6 +344,14 @@ MALFORMED_COMMANDS = [
 
 
 @pytest.mark.mosquitto
+def command_client(port: int, client_id: str) -> paho.Client:
+    """A PLC/MES stand-in that publishes commands to the broker."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
 def logged_totals(lines: list[str]) -> dict[str, int]:
     """Per kind of limited log line ("ignored malformed trigger ..."): the highest "N in total" it gave, or 1."""
     import re
@@ -371,9 +379,7 @@ def test_malformed_commands_are_logged_counted_and_ignored(mosquitto_broker, tmp
     publisher.start()
     assert publisher.wait_connected(10)
     assert wait_until(lambda: publisher.state()["connects"] == 1)
-    commander = paho.Client(CallbackAPIVersion.VERSION2, client_id="plc")
-    commander.connect("127.0.0.1", mosquitto_broker.port)
-    commander.loop_start()
+    commander = command_client(mosquitto_broker.port, "plc")
     try:
         time.sleep(0.3)  # the publisher's SUBACK
         for topic, payload in MALFORMED_COMMANDS:
@@ -598,12 +604,12 @@ def test_a_burst_of_2000_malformed_commands_is_counted_in_a_few_log_lines(mosqui
     publisher.start()
     assert publisher.wait_connected(10)
     assert wait_until(lambda: publisher.state()["connects"] == 1)
-    commander = paho.Client(CallbackAPIVersion.VERSION2, client_id="flood")
-    commander.connect("127.0.0.1", mosquitto_broker.port)
-    commander.loop_start()
+    commander = command_client(mosquitto_broker.port, "flood")
     started = time.monotonic()
     try:
-        time.sleep(0.3)  # the publisher's SUBACK
+        # subscribed once a valid trigger is counted (no handler: counted, not acted on)
+        assert wait_until(lambda: commander.publish(TOPICS.trigger, b"{}", qos=1) and publisher.state()["triggers"] >= 1,
+                          10, step=0.2)
         with caplog.at_level(logging.WARNING, logger="edge_inspect.mqtt.dispatch"):
             sent = [commander.publish(TOPICS.trigger, b"not json %d" % i, qos=1) for i in range(2000)]
             for info in sent:
