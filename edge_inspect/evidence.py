@@ -26,6 +26,7 @@ never waits on a slow SD card. A full queue, a full disk or any write error is l
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -61,6 +62,7 @@ SUFFIXES = (FRAME_SUFFIX, OVERLAY_SUFFIX, MAP_SUFFIX, JSON_SUFFIX, CHAT_SUFFIX)
 _DAY_RE = re.compile(r"^\d{8}$")
 # Frames waiting for the writer are bounded in bytes too: 32 queued 1080p frames with maps are ~200 MB.
 QUEUE_MAX_BYTES = 64 * 2**20
+OVERLAY_MAX_SIDE = 2048  # px: overlays of larger frames are made (and saved) at this size
 _IDLE_RETENTION_S = 60.0  # age-based deletion also runs when no frame is flagged for a while
 
 
@@ -175,6 +177,11 @@ def inspection_payload(inspection: Inspection) -> dict[str, Any]:
     for stream_only in ("seq", "replayed"):  # properties of one MQTT delivery, not of the inspection
         payload.pop(stream_only, None)
     return payload
+
+
+def _scaled_box(box: tuple[int, int, int, int], scale: float) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    return int(x0 * scale), int(y0 * scale), max(int(x0 * scale) + 1, round(x1 * scale)), max(int(y0 * scale) + 1, round(y1 * scale))
 
 
 def map_in_frame(anomaly_map: np.ndarray, frame_hw: tuple[int, int],
@@ -456,11 +463,21 @@ class EvidenceStore:
         return True
 
     def _make_overlay(self, job: _SaveJob) -> np.ndarray | None:
+        """The heatmap over the frame, at most OVERLAY_MAX_SIDE px on its long side: a picture for people,
+        made at a size whose float map and blend stay small whatever the camera's resolution (a full-size
+        overlay of a 40 MP frame took about 600 MB)."""
         if job.anomaly_map is None:
             return None
-
-        heat = map_in_frame(job.anomaly_map, job.frame.shape[:2], job.map_box)
-        return overlay(job.frame, heat, job.inspection.threshold, job.inspection.regions)
+        frame, regions, box = job.frame, job.inspection.regions, job.map_box
+        height, width = frame.shape[:2]
+        scale = min(1.0, OVERLAY_MAX_SIDE / max(height, width))
+        if scale < 1.0:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+            regions = tuple(dataclasses.replace(r, box=_scaled_box(r.box, scale)) for r in regions)
+            box = _scaled_box(box, scale) if box is not None else None
+        heat = map_in_frame(job.anomaly_map, frame.shape[:2], box)
+        return overlay(frame, heat, job.inspection.threshold, regions)
 
     def _apply_update(self, job: _UpdateJob) -> None:
         with self._lock:

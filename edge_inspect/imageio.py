@@ -6,9 +6,11 @@ import os
 import struct
 from pathlib import Path
 
-# The most pixels an image file may have before it is decoded: 40 MP (an 8K UHD frame is 33 MP). An
-# 8000x8000 PNG would take ~200 MB as BGR and about 1 GB on the way through decode, resize and copies.
-MAX_DECODE_PIXELS = 40_000_000
+# The most pixels an image file may have before it is decoded: 25 MP (a 24 MP sensor passes, an 8K UHD
+# frame of 33 MP does not). A frame costs about 10 bytes per pixel on its way through the daemon (the
+# capture decoding the next one while the pipeline holds this one, the evidence JPEG): a 39.7 MP JPEG took
+# RSS to 426 MB. The scorer itself works at a few hundred pixels.
+MAX_DECODE_PIXELS = 25_000_000
 # OpenCV's own check (read at its first decode) backs up image_dimensions() for formats it does not parse.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_DECODE_PIXELS))
 
@@ -63,8 +65,9 @@ def check_decode_size(path: str | Path, head: bytes, limit: int = MAX_DECODE_PIX
     dims = image_dimensions(head)
     if dims is not None and dims[0] * dims[1] > limit:
         raise UserError(
-            f"image {path} is {dims[0]}x{dims[1]} ({dims[0] * dims[1] / 1e6:.0f} MP), more than the "
-            f"{limit / 1e6:.0f} MP edge-inspect decodes; scale it down"
+            f"image {path} is {dims[0]}x{dims[1]} ({dims[0] * dims[1] / 1e6:.1f} MP), more than the "
+            f"{limit / 1e6:.0f} MP edge-inspect decodes (a frame costs about 10 bytes a pixel in memory; the scorer "
+            f"works at a few hundred pixels): scale it down, e.g. `convert IN -resize 50% OUT` or cv2.resize"
         )
 
 

@@ -27,6 +27,48 @@ def wait_until(predicate, timeout: float = 30.0, step: float = 0.02) -> bool:
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """Call with a size ("2m"): a fresh tmpfs of that size (a real file system that fills up), unmounted after
+    the test. Needs root (mount); skipped with the reason elsewhere."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs to fill (needs root): {done.stderr.strip() or done.returncode}")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the file system of `folder` to the last byte with one file (returned; delete it to free the space)."""
+    filler = Path(folder) / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    try:
+        while True:  # the last partial block
+            os.write(fd, b"\0" * 512)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture
 def mosquitto_factory(tmp_path):
     """Call with MosquittoBroker's arguments; returns a started broker, closed after the test."""
     if mosquitto_binary() is None:

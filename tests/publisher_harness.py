@@ -46,6 +46,21 @@ def synthetic_inspection(index: int, id_prefix: str, station: str) -> records.In
     )
 
 
+def kill_network_thread(client, times: int = 1) -> None:
+    """Make paho's network thread die `times` times, the way a bug inside paho (or a clock jump it does not
+    survive) ends it: an exception out of its loop. Each time it is restarted, it dies again."""
+    original = client._loop
+    left = [times]
+
+    def dying(timeout: float = 1.0):
+        if left[0] > 0:
+            left[0] -= 1
+            raise RuntimeError("injected: paho's network thread dies")
+        return original(timeout)
+
+    client._loop = dying
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")

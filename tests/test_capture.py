@@ -119,17 +119,26 @@ def test_replay_loop_starts_again(image_folder):
     assert values == [0, 10, 20, 30, 40, 50, 0, 10]
 
 
-def test_replay_broken_image_is_a_source_error_and_the_reopen_resumes_after_it(image_folder):
+def test_replay_skips_a_broken_image_at_once_and_a_reopen_resumes_where_it_stopped(image_folder, caplog):
+    """Issue 23: a bad file is skipped inside read() (logged, counted), not a SourceError and a reconnect."""
     (image_folder / "002.png").write_bytes(b"not a png")
     source = ReplaySource(ReplaySourceConfig(type="replay", path=str(image_folder)))
     source.open()
-    assert int(source.read()[0, 0, 0]) == 0
-    assert int(source.read()[0, 0, 0]) == 10
-    with pytest.raises(SourceError, match="002.png"):
-        source.read()
+    with caplog.at_level("WARNING"):
+        assert [int(source.read()[0, 0, 0]) for _ in range(3)] == [0, 10, 30]
+    assert source.skipped == 1 and "002.png" in caplog.text
     source.close()
     source.open()
-    assert int(source.read()[0, 0, 0]) == 30
+    assert int(source.read()[0, 0, 0]) == 40
+
+
+def test_replay_with_nothing_readable_is_a_source_error_naming_the_last_problem(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"not a png")
+    source = ReplaySource(ReplaySourceConfig(type="replay", path=str(tmp_path), loop=True))
+    source.open()
+    with pytest.raises(SourceError, match=r"no readable image .*2 skipped.*b\.png"):
+        source.read()
 
 
 def test_replay_video_file_and_resume_position(tmp_path):
@@ -327,6 +336,71 @@ def test_capture_of_a_lossless_replay_delivers_every_frame_then_finishes(image_f
     assert capture.frames.dropped == 0
     assert capture.state == CaptureState.FINISHED
     assert capture.stats()["frames"] == 6
+
+
+def test_a_replay_of_good_and_unreadable_files_skips_the_bad_ones_without_a_reconnect(tmp_path):
+    """Issue 23. Before: each unreadable file was a SourceError, so a reconnect and its back-off (129 results
+    in 30 s instead of 300)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(12):
+        if i % 2:
+            (folder / f"{i:03d}.png").write_bytes(b"truncated" if i % 4 == 1 else b"")
+        else:
+            cv2.imwrite(str(folder / f"{i:03d}.png"), numbered_frame(i * 10))
+    capture = Capture("cam", ReplaySourceConfig(type="replay", path=str(folder)), ReconnectConfig())
+    capture.start()
+    values, seq = [], 0
+    try:
+        while (grabbed := capture.frames.take(seq, timeout=10)) is not None:
+            seq = grabbed.seq
+            values.append(int(grabbed.pixels[0, 0, 0]))
+    finally:
+        capture.stop()
+    assert values == [0, 20, 40, 60, 80, 100]
+    assert capture.reconnects == 0 and capture.stats()["skipped_unreadable"] == 6 and capture.finished
+
+
+def test_an_emptied_replay_folder_is_retried_at_most_every_second_and_plays_again(tmp_path, image_folder):
+    """Issue 23. Before: the back-off doubled to 16 s, so frames resumed 11 s after the files came back."""
+    capture = Capture("cam", ReplaySourceConfig(type="replay", path=str(image_folder), fps=50, loop=True),
+                      ReconnectConfig(initial_delay_s=0.05, max_delay_s=30))
+    away = tmp_path / "away"
+    away.mkdir()
+    capture.start()
+    try:
+        assert wait_until(lambda: capture.frames_total >= 3, 30)
+        for file in image_folder.glob("*.png"):
+            file.rename(away / file.name)
+        assert wait_until(lambda: capture.reconnects >= 8, 60)  # 0.05 s doubling would be 6.4 s by now
+        assert 0 < capture.stats()["retry_delay_s"] <= 1.0
+        for file in away.iterdir():
+            file.rename(image_folder / file.name)
+        seen = capture.frames_total
+        assert wait_until(lambda: capture.frames_total > seen + 3, 30)
+    finally:
+        capture.stop()
+
+
+def test_a_looping_replay_of_unreadable_files_logs_a_few_lines_not_one_per_file_and_retry(tmp_path, caplog):
+    """Issue 23. Before: 15,667 lines in 20 minutes (a line per file, per reconnect and per state change)."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes(b"not an image")
+    capture = Capture("cam", ReplaySourceConfig(type="replay", path=str(folder), fps=50, loop=True),
+                      ReconnectConfig(initial_delay_s=0.05))
+    started = time.monotonic()
+    with caplog.at_level("INFO", logger="edge_inspect.capture"):
+        capture.start()
+        try:
+            assert wait_until(lambda: capture.reconnects >= 12, 60)
+        finally:
+            capture.stop()
+        elapsed = time.monotonic() - started
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("edge_inspect.capture")]
+    assert len(lines) <= 5 + 6 * (2 + elapsed / 30), "\n".join(lines)  # 5 files named once, 6 kinds limited
+    assert capture.stats()["skipped_unreadable"] >= 12 * 5  # every skip counted, though not every one logged
 
 
 def test_capture_of_a_paced_replay_drops_what_a_slow_pipeline_misses(image_folder):

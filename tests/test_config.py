@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +140,7 @@ def test_the_example_config_validates_and_check_config_prints_a_summary(capsys):
     example = ROOT / "examples" / "config.yaml"
     config = load_config(example)
     assert config.cameras[0].source.type == "v4l2"
-    assert cli.main(["check-config", str(example)]) == 0
+    assert cli.main(["check-config", str(example), "--syntax-only"]) == 0  # its camera and product are not here
     out = capsys.readouterr().out
     assert "OK" in out and "camera cam1" in out and "password: " in out
     # The JSON Schema of the config (what docs/config.md is generated from) accepts it too.
@@ -149,12 +151,12 @@ def test_check_config_json_prints_the_filled_in_config_never_the_secret(tmp_path
     monkeypatch.setenv("EDGE_INSPECT_MQTT_PASSWORD", "s3cr3t-value")
     path = tmp_path / "good.yaml"
     path.write_text(GOOD)
-    assert cli.main(["check-config", str(path), "--json"]) == 0
+    assert cli.main(["check-config", str(path), "--json", "--syntax-only"]) == 0
     out = capsys.readouterr().out
     data = json.loads(out)
     assert data["cameras"][0]["reconnect"]["max_delay_s"] == 30.0
     assert "s3cr3t-value" not in out
-    assert cli.main(["check-config", str(path)]) == 0
+    assert cli.main(["check-config", str(path), "--syntax-only"]) == 0
     out = capsys.readouterr().out
     assert "password: env EDGE_INSPECT_MQTT_PASSWORD" in out and "s3cr3t-value" not in out
 
@@ -290,3 +292,49 @@ def test_deprecated_vlm_queue_size_is_read_as_the_one_flagged_frame_queue(caplog
     both = parse_config(json.dumps({**base, "vlm": {"queue_size": 3}, "pipeline": {"flagged_queue_size": 7}}))
     assert both.pipeline.flagged_queue_size == 7
     assert parse_config(json.dumps(base)).pipeline.flagged_queue_size == 5
+
+
+def test_check_config_reads_the_files_run_would_refuse(tmp_path, capsys):
+    """Issue 23. Before: an unwritable spool path, a missing calibration and a missing replay folder passed
+    check-config with exit 0; only `run` and `doctor` refused them."""
+    (tmp_path / "a-file").write_text("not a folder")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        edit(GOOD, "/tmp/frames", str(tmp_path / "missing-frames"))
+        + f"scoring:\n  calibration_dir: {tmp_path / 'calibration'}\n"
+        + f"spool:\n  path: {tmp_path / 'a-file' / 'results.sqlite3'}\n"
+        + f"evidence:\n  dir: {tmp_path / 'evidence'}\n"
+    )
+    assert cli.main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems to fix before `run`" in err, err
+    assert "cameras[cam0].source.path" in err and "missing-frames" in err and "does not exist" in err
+    assert "edge-inspect calibrate --product widget" in err
+    assert "spool.path" in err and "a-file is not a folder" in err
+    assert err.count("fix: ") == 3 and "Traceback" not in err
+    assert cli.main(["check-config", str(path), "--syntax-only"]) == 0
+    assert "files: not checked" in capsys.readouterr().out
+
+
+def test_check_config_names_a_spool_folder_the_user_cannot_write(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD + "spool:\n  path: /proc/edge-inspect-test/results.sqlite3\n")  # not writable, even for root
+    assert cli.main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"spool\.path: /proc/edge-inspect-test .*cannot write there", err), err
+
+
+def test_check_config_passes_a_config_whose_files_are_all_there(tmp_path, capsys, calibrated_product):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(calibrated_product["good"][0], frames / "0000.png")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        edit(edit(GOOD, "/tmp/frames", str(frames)), "product: widget", f"product: {calibrated_product['name']}")
+        + f"scoring:\n  calibration_dir: {calibrated_product['calibration_dir']}\n"
+        + f"  engines_dir: {calibrated_product['engines_dir']}\n"
+        + f"spool:\n  path: {tmp_path / 'spool' / 'results.sqlite3'}\nevidence:\n  dir: {tmp_path / 'evidence'}\n"
+    )
+    assert cli.main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    assert "files: every calibration loads" in capsys.readouterr().out
+    assert not (tmp_path / "spool").exists()  # checked, not created

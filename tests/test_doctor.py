@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -252,3 +253,17 @@ def test_vlm_section_is_checked_when_enabled(tmp_path, frames, capsys):
     assert code == 1 and checks["vlm model"]["status"] == "fail"
     assert "not a GGUF file" in checks["vlm model"]["detail"] and "vlm.model" in checks["vlm model"]["fix"]
     assert "vlm projector" not in checks  # text mode has none
+
+
+def test_doctor_states_how_many_results_the_spool_holds_on_its_disk(tmp_path, frames, capsys, small_disk):
+    """Issue 23: the spool's capacity through a broker outage, from its disk and its limits."""
+    disk = small_disk("2m")
+    config = _config(tmp_path, frames, _free_port(), spool={"path": str(disk / "spool" / "results.sqlite3")})
+    _, checks = _doctor(config, capsys)
+    detail = checks["disk spool"]["detail"]
+    match = re.search(r"holds about ([\d,]+) results of (\d+) B through an outage \(limited by its disk", detail)
+    assert match, detail
+    assert 1000 < int(match.group(1).replace(",", "")) < 2 * 1024 * 1024 / int(match.group(2))
+    (tmp_path / "config.yaml").unlink()
+    _, checks = _doctor(_config(tmp_path, frames, _free_port()), capsys)
+    assert "limited by spool.max_bytes, 256 MiB" in checks["disk spool"]["detail"], checks["disk spool"]

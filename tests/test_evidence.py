@@ -223,3 +223,27 @@ def test_overlay_is_drawn_from_the_map_inside_its_box(tmp_path):
     hot = np.argwhere(overlay[..., 2] - overlay[..., 0] > 120)  # red: at or above the threshold
     assert len(hot) > 50
     assert hot[:, 1].min() >= 200 and hot[:, 1].max() < 400 and hot[:, 0].min() >= 100 and hot[:, 0].max() < 250
+
+
+def test_the_overlay_of_a_huge_frame_is_made_at_a_bounded_size_with_the_map_in_its_box(tmp_path):
+    """Issue 23: a full-size overlay of a 40 MP frame (float map, colour map, blend) took about 600 MB."""
+    from edge_inspect.evidence import OVERLAY_MAX_SIDE
+
+    good, bad, _ = _photo_with_scratch()
+    scale = 10  # the 400x600 photo as a 4000x6000 (24 MP) frame
+    big = cv2.resize(bad, (bad.shape[1] * scale, bad.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+    diff = np.abs(bad.astype(np.float32) - good.astype(np.float32)).mean(axis=2)[100:250, 200:400]
+    roi_map = cv2.GaussianBlur(cv2.resize(diff, (64, 48)), (0, 0), 1.5) / 10.0
+    box = (200 * scale, 100 * scale, 400 * scale, 250 * scale)
+    region = Region(box=(250 * scale, 120 * scale, 331 * scale, 191 * scale), area_pct=2.1, peak=2.5, grid_words=("center",))
+    store = _store(tmp_path)
+    path = store.save(_inspection(regions=(region,)), big, anomaly_map=roi_map, map_box=box)
+    files = evidence_files(store.root, path)
+    overlay = cv2.imread(str(files["overlay"])).astype(int)
+    assert max(overlay.shape[:2]) == OVERLAY_MAX_SIDE
+    assert cv2.imread(str(files["frame"])).shape == big.shape  # the frame itself is kept at full size
+    factor = OVERLAY_MAX_SIDE / max(big.shape[:2])
+    hot = np.argwhere(overlay[..., 2] - overlay[..., 0] > 120)
+    assert len(hot) > 50
+    x0, y0, x1, y1 = (int(v * factor) for v in box)
+    assert hot[:, 1].min() >= x0 - 2 and hot[:, 1].max() < x1 + 2 and hot[:, 0].min() >= y0 - 2 and hot[:, 0].max() < y1 + 2

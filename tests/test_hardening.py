@@ -99,11 +99,11 @@ def test_small_aliases_still_work():
 def test_username_without_password_and_missing_ca_fail_check_config(tmp_path, monkeypatch):
     monkeypatch.delenv("EDGE_INSPECT_MQTT_PASSWORD", raising=False)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    done = _check(tmp_path, BASE + "mqtt: {username: bob}\n")
+    done = _check(tmp_path, BASE + "mqtt: {username: bob}\n", "--syntax-only")
     assert done.returncode == 2 and "mqtt.username" in done.stderr and "EDGE_INSPECT_MQTT_PASSWORD" in done.stderr
     monkeypatch.setenv("EDGE_INSPECT_MQTT_PASSWORD", "secret")
-    assert _check(tmp_path, BASE + "mqtt: {username: bob}\n").returncode == 0
-    done = _check(tmp_path, BASE + f"mqtt: {{tls: {{enabled: true, ca_file: {tmp_path / 'nope.pem'}}}}}\n")
+    assert _check(tmp_path, BASE + "mqtt: {username: bob}\n", "--syntax-only").returncode == 0
+    done = _check(tmp_path, BASE + f"mqtt: {{tls: {{enabled: true, ca_file: {tmp_path / 'nope.pem'}}}}}\n", "--syntax-only")
     assert done.returncode == 2 and "mqtt.tls.ca_file" in done.stderr
 
 
@@ -159,7 +159,7 @@ def test_check_config_into_a_closed_pipe_prints_no_traceback(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(BASE)
     for extra in ([], ["--json"]):
-        proc = subprocess.Popen([sys.executable, "-m", "edge_inspect.cli", "check-config", str(path), *extra],
+        proc = subprocess.Popen([sys.executable, "-m", "edge_inspect.cli", "check-config", str(path), "--syntax-only", *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdout.read(1)  # `| head -c1`: read one byte, then close the pipe
         proc.stdout.close()
@@ -266,21 +266,23 @@ def _replay(folder: Path):
 def test_replay_refuses_a_huge_image_from_its_header_without_decoding(tmp_path, monkeypatch):
     import cv2
 
-    from edge_inspect.capture.sources import SourceError
+    from edge_inspect.capture.sources import EndOfStream
 
     header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (8000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00"
     (tmp_path / "a.png").write_bytes(header + b"\x00" * 64)
     decoded = []
     monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(a))
-    with pytest.raises(SourceError, match=r"a\.png.*8000x8000.*MP"):
-        _replay(tmp_path).read()
-    assert not decoded
+    with pytest.raises(EndOfStream):  # skipped (issue 23), and nothing else is in the folder
+        (source := _replay(tmp_path)).read()
+    assert not decoded and source.skipped == 1
 
 
 def test_replay_converts_16_bit_grey_and_rgba_saying_so_and_skips_a_1x1_frame(tmp_path, caplog):
+    import re
+
     import cv2
 
-    from edge_inspect.capture.sources import SourceError
+    from edge_inspect.capture.sources import EndOfStream
 
     cv2.imwrite(str(tmp_path / "0_grey16.png"), np.full((40, 40), 40000, np.uint16))
     cv2.imwrite(str(tmp_path / "1_rgba.png"), np.full((40, 40, 4), 200, np.uint8))
@@ -292,8 +294,9 @@ def test_replay_converts_16_bit_grey_and_rgba_saying_so_and_skips_a_1x1_frame(tm
     assert grey.dtype == np.uint8 and grey.shape == (40, 40, 3) and int(grey[0, 0, 0]) == 40000 // 257
     assert rgba.shape == (40, 40, 3)
     assert "uint16 samples scaled to 8 bit" in caplog.text and "alpha channel dropped" in caplog.text
-    with pytest.raises(SourceError, match=r"2_tiny\.png.*1x1.*smaller than"):
-        source.read()
+    with caplog.at_level("WARNING"), pytest.raises(EndOfStream):
+        source.read()  # the 1x1 frame is skipped (issue 23: at once, no reconnect); nothing follows it
+    assert re.search(r"2_tiny\.png.*1x1.*smaller than", caplog.text) and source.skipped == 1
 
 
 def test_read_bgr_refuses_tiny_and_huge_images(tmp_path):
@@ -661,3 +664,43 @@ def test_two_tensorrt_cameras_on_one_product_share_the_engine(calibrated_product
         a.close()
         b.close()
     assert not trt_backend._ENGINES
+
+
+# --- issue 23: repeated log lines -----------------------------------------------------------------
+
+
+def test_log_limiter_logs_the_first_at_once_then_one_line_per_interval_with_the_count(caplog):
+    import logging
+
+    from edge_inspect.log_limit import LogLimiter
+
+    now = [0.0]
+    limiter = LogLimiter(logging.getLogger("t23"), interval_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="t23"):
+        for i in range(100):  # 25 s of one problem, four times a second
+            limiter.log(logging.WARNING, "bad", "bad thing %d", i)
+            now[0] += 0.25
+        limiter.log(logging.WARNING, "other", "another problem")  # its own key: logged at once
+        limiter.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad thing 0",
+        "bad thing 40 (39 more like this in the last 10 s, 41 in total)",
+        "bad thing 80 (39 more like this in the last 10 s, 81 in total)",
+        "another problem",
+        "bad thing 99 (19 more like this in the last 5 s, 100 in total)",
+    ]
+    assert limiter.total("bad") == 100
+
+
+def test_a_39_7_mp_image_is_refused_naming_the_limit_and_the_fix_and_24_mp_passes():
+    """Issue 23: a 39.7 MP image was accepted (RSS to 426 MB, 937 MB with NG frames); the cap is 25 MP now."""
+    from edge_inspect.errors import UserError
+    from edge_inspect.imageio import MAX_DECODE_PIXELS, check_decode_size
+
+    def jpeg_head(width: int, height: int) -> bytes:  # SOI, then a baseline SOF0 segment with the size
+        return b"\xff\xd8\xff\xc0\x00\x11\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03" + b"\x00" * 64
+
+    with pytest.raises(UserError, match=r"7720x5140 \(39\.7 MP\), more than the 25 MP .*scale it down"):
+        check_decode_size("big.jpg", jpeg_head(7720, 5140))
+    check_decode_size("ok.jpg", jpeg_head(6000, 4000))  # a 24 MP sensor
+    assert MAX_DECODE_PIXELS == 25_000_000

@@ -272,3 +272,61 @@ def test_a_retained_product_set_is_not_applied_again_after_a_reconnect(tmp_path,
         assert daemon.log.count("switching every camera to product brick-b") == 1  # no reload of the scorer
         daemon.send(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_network_thread_that_keeps_dying_stops_run_with_exit_1_for_systemd(tmp_path, product, mosquitto_broker):
+    """Issue 23: a dead paho thread is restarted; one that cannot be kept alive ends `run` with exit code 1
+    (Restart=on-failure restarts the service) instead of a daemon that silently publishes nothing."""
+    import threading
+
+    from publisher_harness import kill_network_thread
+
+    from edge_inspect.config import load_config
+    from edge_inspect.daemon.daemon import Daemon as InProcessDaemon
+
+    write_frames(tmp_path / "frames", product, 4)
+    config = load_config(write_config(tmp_path, product, mosquitto_broker.port,
+                                      source={"type": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True},
+                                      trigger={"mode": "every_frame"}))
+    with MessageCollector(mosquitto_broker.port, [RESULT]) as collector:
+        collector.wait_subscribed()
+        daemon = InProcessDaemon(config)
+        outcome: list[int] = []
+        runner = threading.Thread(target=lambda: outcome.append(daemon.run()), daemon=True)
+        runner.start()
+        assert wait_until(lambda: len(results(collector)) >= 3, 120)
+        kill_network_thread(daemon.publisher._client, times=1000)
+        runner.join(120)
+    assert not runner.is_alive() and outcome == [1]
+    assert daemon.publisher.state()["network_restarts"] == 5
+    assert "mqtt-network" in daemon._hung(0.0, 1e9)
+
+
+@pytest.mark.slow
+def test_a_39_7_mp_jpeg_in_a_replay_is_skipped_naming_the_limit_and_memory_stays_flat(tmp_path, product, mosquitto_broker,
+                                                                                     daemons):
+    """Issue 23: a 39.7 MP JPEG was accepted and took RSS to 426 MB (937 MB as an NG frame with its overlay)."""
+    import cv2
+
+    frames = tmp_path / "frames"
+    write_frames(frames, product, 3, defect_every=0)
+    big = cv2.resize(product["good"][0], (7720, 5140), interpolation=cv2.INTER_LINEAR)
+    assert cv2.imwrite(str(frames / "0001_big.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    del big
+    config = write_config(tmp_path, product, mosquitto_broker.port,
+                          source={"type": "replay", "path": str(frames), "fps": 10, "loop": True},
+                          trigger={"mode": "every_frame"})
+    with MessageCollector(mosquitto_broker.port, [RESULT, STATS]) as collector:
+        collector.wait_subscribed()
+        daemon = daemons(config)
+        assert daemon.wait_log(r"0001_big\.jpg.*7720x5140 \(39\.7 MP\), more than the 25 MP.*scale it down", 120), daemon.log
+        assert wait_until(lambda: len(results(collector)) >= 12, 120), daemon.log
+        seen = len(collector.on(STATS))
+        assert wait_until(lambda: len(collector.on(STATS)) > seen + 1, 30), daemon.log
+        rss = max(m.json()["pipeline"]["rss_mb"] for m in collector.on(STATS))
+        cameras = collector.on(STATS)[-1].json()["pipeline"]["cameras"]
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.log
+    assert rss < 300, rss  # the 128 px frames alone: about 130 MB
+    assert cameras["cam0"]["reconnects"] == 0 and cameras["cam0"]["skipped_unreadable"] >= 1, cameras

@@ -19,7 +19,7 @@ import pytest
 import edge_inspect
 
 EXPECTED = """
-cli errors records imageio localize evidence
+cli errors records imageio localize evidence log_limit
 config config.base config.capture config.evidence config.mqtt config.scoring config.vlm config.feedback config.threshold
 capture capture.sources capture.reader capture.triggers capture.geometry
 files
@@ -29,7 +29,7 @@ scorer.backends scorer.backends.base scorer.backends.ort_backend scorer.backends
 scorer.backends.trt_compat scorer.backends.trt_build
 calibration calibration.fit calibration.views calibration.defects calibration.threshold calibration.artifacts
 calibration.store calibration.calibrate
-vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.worker vlm.stage vlm.followup vlm.ask
+vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.sampling vlm.worker vlm.stage vlm.followup vlm.ask
 mqtt mqtt.client mqtt.dispatch mqtt.request_queue mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.feedback mqtt.listen
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
 daemon.sdnotify daemon.drift

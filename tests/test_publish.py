@@ -19,7 +19,7 @@ import pytest
 from conftest import wait_until
 from mqtt_broker import MessageCollector, make_password_file, make_tls_files
 from paho.mqtt.enums import CallbackAPIVersion
-from publisher_harness import synthetic_inspection
+from publisher_harness import kill_network_thread, synthetic_inspection
 
 from edge_inspect import records
 from edge_inspect.config.mqtt import MqttConfig, SpoolConfig
@@ -344,6 +344,26 @@ MALFORMED_COMMANDS = [
 
 
 @pytest.mark.mosquitto
+def command_client(port: int, client_id: str) -> paho.Client:
+    """A PLC/MES stand-in that publishes commands to the broker."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def logged_totals(lines: list[str]) -> dict[str, int]:
+    """Per kind of limited log line ("ignored malformed trigger ..."): the highest "N in total" it gave, or 1."""
+    import re
+
+    totals: dict[str, int] = {}
+    for line in lines:
+        kind = line.split(" command:")[0]
+        match = re.search(r"(\d+) in total\)$", line)
+        totals[kind] = max(totals.get(kind, 0), int(match.group(1)) if match else 1)
+    return totals
+
+
 def test_malformed_commands_are_logged_counted_and_ignored(mosquitto_broker, tmp_path, caplog):
     triggers: list = []
     products: list = []
@@ -360,9 +380,7 @@ def test_malformed_commands_are_logged_counted_and_ignored(mosquitto_broker, tmp
     assert publisher.wait_connected(10)
     assert wait_until(lambda: publisher.state()["connects"] == 1)
     assert wait_until(lambda: publisher.state()["commands_subscribed"])  # the broker's SUBACK
-    commander = paho.Client(CallbackAPIVersion.VERSION2, client_id="plc")
-    commander.connect("127.0.0.1", mosquitto_broker.port)
-    commander.loop_start()
+    commander = command_client(mosquitto_broker.port, "plc")
     try:
         for topic, payload in MALFORMED_COMMANDS:
             commander.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -384,8 +402,10 @@ def test_malformed_commands_are_logged_counted_and_ignored(mosquitto_broker, tmp
     assert [t.part_id for t in triggers] == ["A-7", None, "R"]  # a live retained message arrives unflagged
     assert len(MALFORMED_COMMANDS) >= 30 and state["triggers"] == 3 and state["product_sets"] == 2
     assert state["command_errors"] == 1 and state["connected"]
+    # Logged, but not one line each (issue 23): the first of each kind at once, repeats with their count.
     warnings = [r.getMessage() for r in caplog.records if "ignored malformed" in r.getMessage()]
-    assert len(warnings) == len(MALFORMED_COMMANDS) + 1
+    assert 2 <= len(warnings) < len(MALFORMED_COMMANDS) / 2, warnings
+    assert sum(logged_totals(warnings).values()) == len(MALFORMED_COMMANDS) + 1, warnings
 
     # A retained trigger is stale by definition: after a reconnect it must not fire.
     commander = paho.Client(CallbackAPIVersion.VERSION2, client_id="plc2")
@@ -553,3 +573,78 @@ def test_a_command_subscription_the_broker_refuses_is_logged_and_shown(tmp_path,
         assert any("refused the command subscription" in r.getMessage() for r in caplog.records)
     finally:
         publisher.stop(timeout=0)
+
+# --- issue 23: a dead network thread, a flood of bad commands ------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_network_thread_is_restarted_and_no_result_is_lost(mosquitto_broker, tmp_path, caplog):
+    """Before: paho's thread died, nothing reconnected or logged, and results piled up in the spool."""
+    publisher = ResultPublisher(mqtt_config(mosquitto_broker.port), spool_config(tmp_path), STATION)
+    ids = []
+    with MessageCollector(mosquitto_broker.port, [TOPICS.result]) as collector:
+        collector.wait_subscribed()
+        publisher.start()
+        assert publisher.wait_connected(10)
+        with caplog.at_level(logging.ERROR, logger="edge_inspect.mqtt.publisher"):
+            for index in range(30):
+                if index == 10:
+                    kill_network_thread(publisher._client)
+                inspection = synthetic_inspection(index, "dead-loop", STATION)
+                publisher.publish_result(inspection)
+                ids.append(inspection.inspection_id)
+                if index == 10:
+                    assert wait_until(lambda: publisher.state()["network_restarts"] == 1, 30)
+            received = lambda: {m.json()["inspection_id"] for m in collector.on(TOPICS.result)}
+            assert wait_until(lambda: received() >= set(ids), 30), publisher.state()
+        state = publisher.state()
+        publisher.stop()
+    assert state["network_thread_alive"] and state["connected"] and state["connects"] == 2
+    assert publisher.fatal_error is None and publisher.hung_threads() == []
+    lines = [r.getMessage() for r in caplog.records if "network thread (paho) ended" in r.getMessage()]
+    assert len(lines) == 1 and "restarting it" in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_network_thread_that_keeps_dying_is_given_up_and_reported_hung(mosquitto_broker, tmp_path):
+    from edge_inspect.mqtt import publisher as publisher_module
+
+    publisher = ResultPublisher(mqtt_config(mosquitto_broker.port), spool_config(tmp_path), STATION)
+    publisher.start()
+    try:
+        assert publisher.wait_connected(10)
+        kill_network_thread(publisher._client, times=1000)
+        assert wait_until(lambda: publisher.fatal_error is not None, 60)
+        state = publisher.state()
+        assert state["network_restarts"] == publisher_module._NETWORK_RESTARTS
+        assert not state["network_thread_alive"] and publisher.hung_threads() == ["mqtt-network"]
+        assert "giving up" in publisher.fatal_error
+    finally:
+        publisher.stop(timeout=1.0)
+
+
+def test_a_burst_of_2000_malformed_commands_is_counted_in_a_few_log_lines(mosquitto_broker, tmp_path, caplog):
+    """Before: about 2,000 WARNING lines for 2,000 malformed commands in 0.8 s."""
+    publisher = ResultPublisher(mqtt_config(mosquitto_broker.port), spool_config(tmp_path), STATION)
+    publisher.start()
+    assert publisher.wait_connected(10)
+    assert wait_until(lambda: publisher.state()["connects"] == 1)
+    commander = command_client(mosquitto_broker.port, "flood")
+    started = time.monotonic()
+    try:
+        # subscribed once a valid trigger is counted (no handler: counted, not acted on)
+        assert wait_until(lambda: commander.publish(TOPICS.trigger, b"{}", qos=1) and publisher.state()["triggers"] >= 1,
+                          10, step=0.2)
+        with caplog.at_level(logging.WARNING, logger="edge_inspect.mqtt.dispatch"):
+            sent = [commander.publish(TOPICS.trigger, b"not json %d" % i, qos=1) for i in range(2000)]
+            for info in sent:
+                info.wait_for_publish(10)
+            assert wait_until(lambda: publisher.state()["malformed_commands"] == 2000, 60)
+            elapsed = time.monotonic() - started
+            publisher.stop()
+    finally:
+        commander.disconnect()
+        commander.loop_stop()
+    lines = [r.getMessage() for r in caplog.records if "ignored malformed" in r.getMessage()]
+    assert 1 <= len(lines) <= 2 + elapsed / 10.0, lines  # the first at once, one per 10 s, one at stop
+    assert logged_totals(lines) == {"ignored malformed trigger": 2000}, lines

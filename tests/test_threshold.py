@@ -1,4 +1,4 @@
-"""The automatic threshold rule (edge_inspect.scorer.threshold): good parts only, evidence kept."""
+"""The automatic threshold rule (edge_inspect.calibration.threshold): good parts only, evidence kept."""
 
 from __future__ import annotations
 

@@ -510,3 +510,23 @@ def test_bench_times_follow_up_questions_after_each_verdict(tiny):
     # text mode reuses the KV cache of the shared prefix (the previous request); image mode re-encodes it
     assert rows["text"]["prompt_decoded"] < rows["text"]["prompt_tokens"] / 2, rows["text"]
     assert "follow-up questions" in bench_vlm.render_table(result)
+
+
+@pytest.mark.vlm
+def test_bench_splits_a_flagged_frame_into_prompt_decode_sampling_and_other(tiny):
+    """Issue 23: the bench says where the time goes and the ratio to the model's own time, in one run."""
+    from edge_inspect.offline import bench_vlm
+
+    args = bench_vlm.build_parser().parse_args([
+        "--model", str(tiny.model), "--modes", "text", "--frames", "2", "--warmup", "0", "--threads", "1",
+        "--n-ctx", "8192", "--max-tokens", "1500",
+    ])
+    result = bench_vlm.run(args)
+    (text,) = result["modes"]
+    split = text["split"]
+    assert text["valid"] == 2 and split["prompt_ms"] > 0 and split["decode_ms"] > 0 and split["sample_ms"] > 0
+    assert split["other_ms"] >= 0 and split["model_ms"] == pytest.approx(split["prompt_ms"] + split["decode_ms"], abs=0.2)
+    assert split["ratio_to_model"] == pytest.approx(split["latency_ms"] / split["model_ms"], abs=0.01)
+    table = bench_vlm.render_table(result)
+    assert "sampling+grammar ms" in table and "p50 / (prompt+decode)" in table and "model name" not in table
+    assert bench_vlm.cpu_model() in result["host"]

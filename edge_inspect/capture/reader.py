@@ -4,7 +4,9 @@
 replaces the previous one in a one-slot mailbox (`LatestFrame`), and a frame replaced before
 anyone took it is counted as dropped. The one exception is a replay at fps 0, which is lossless:
 it waits for the pipeline, because a file can wait and a test wants every frame.
-A source that fails or stalls (no frame for `stall_timeout_s`) is reopened with exponential back-off.
+A source that fails or stalls (no frame for `stall_timeout_s`) is reopened with exponential back-off
+(capped lower where the source says so: a folder replay retries at least every second). Failures and
+state changes that repeat are logged once per 30 s with their count (`log_limit`).
 
 Example:
     capture = Capture("cam0", ReplaySourceConfig(type="replay", path="frames/"), ReconnectConfig())
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..config.capture import ReconnectConfig
 from ..daemon.runtime_stats import RateMeter
+from ..log_limit import LogLimiter
 from .sources import EndOfStream, FrameSource, SourceError, create_source
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,9 @@ class Capture:
         self.frames_total = 0
         self.reconnects = 0
         self.last_error = ""
+        self.retry_delay_s = 0.0  # the back-off of the last reconnect
+        self._skipped_earlier = 0  # frames skipped by sources this capture replaced
+        self._log = LogLimiter(log, interval_s=30.0)
 
     def check(self) -> None:
         """Raise UserError for a source no retry can fix (missing replay folder, no GStreamer)."""
@@ -187,6 +193,7 @@ class Capture:
                 thread.join(timeout)
         if self._state != CaptureState.FINISHED:
             self._set_state(CaptureState.STOPPED, "")
+        self._log.flush()  # repeats a quiet interval hid
 
     def join(self, timeout: float) -> bool:
         """Wait until no reader thread of this capture runs native code any more (decoders, drivers):
@@ -227,9 +234,17 @@ class Capture:
             "frames": self.frames_total,
             "dropped": self.frames.dropped,
             "reconnects": self.reconnects,
+            "retry_delay_s": round(self.retry_delay_s, 3),
+            "skipped_unreadable": self.skipped,
             "last_frame_age_s": round(age, 2),
             "last_error": self.last_error,
         }
+
+    @property
+    def skipped(self) -> int:
+        """Frames the source skipped without a reconnect (a replay's unreadable files), for the life of the capture."""
+        source = self._source
+        return self._skipped_earlier + (source.skipped if source is not None else 0)
 
     # the reader thread
 
@@ -239,6 +254,8 @@ class Capture:
             self._generation_of_reader = generation
             source = self._probe or self._factory(self.source_config, self.reconnect)
             self._probe = None
+            if self._source is not None and self._source is not source:
+                self._skipped_earlier += self._source.skipped
             self._source = source
             self._last_progress = time.monotonic()
         self._reader = threading.Thread(
@@ -251,6 +268,7 @@ class Capture:
 
     def _read_loop(self, generation: int, source: FrameSource) -> None:
         delay = self.reconnect.initial_delay_s
+        max_delay = min(self.reconnect.max_delay_s, source.max_retry_delay_s or self.reconnect.max_delay_s)
         try:
             while self._current(generation):
                 self._set_state(CaptureState.CONNECTING, source.describe(), generation)
@@ -278,10 +296,12 @@ class Capture:
                     source.close()
                 if not self._current(generation):
                     return
+                delay = min(delay, max_delay)
+                self.retry_delay_s = delay
                 self._set_state(CaptureState.RECONNECTING, f"retry in {delay:.3g}s: {self.last_error}", generation)
                 if self._stop.wait(delay):
                     return
-                delay = min(delay * self.reconnect.multiplier, self.reconnect.max_delay_s)
+                delay = min(delay * self.reconnect.multiplier, max_delay)
         finally:
             source.close()
 
@@ -307,7 +327,7 @@ class Capture:
             return
         self.last_error = message
         self.reconnects += 1
-        log.warning("%s: %s (reconnect #%d)", self.name, message, self.reconnects)
+        self._log.log(logging.WARNING, "failed", "%s: %s (reconnect #%d)", self.name, message, self.reconnects)
 
     def _set_state(self, state: CaptureState, detail: str, generation: int | None = None) -> None:
         with self._lock:
@@ -316,7 +336,7 @@ class Capture:
             changed = state != self._state
             self._state = state
         if changed:
-            log.info("%s: capture %s%s", self.name, state.value, f" ({detail})" if detail else "")
+            self._log.log(logging.INFO, state.value, "%s: capture %s%s", self.name, state.value, f" ({detail})" if detail else "")
             if self._on_state is not None:
                 try:
                     self._on_state(self.name, state, detail)

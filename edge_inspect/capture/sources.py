@@ -34,8 +34,16 @@ from ..config.capture import (
 from .. import imageio
 from ..errors import UserError
 from ..imageio import check_decode_size, check_frame, frame_note
+from ..log_limit import LogLimiter
 
 log = logging.getLogger(__name__)
+
+# A folder replay retries a failed pass (an emptied folder, nothing readable) at most this far apart: a local
+# folder costs nothing to look at, and files that come back should play at once, not after a long back-off.
+REPLAY_MAX_RETRY_S = 1.0
+# Unreadable replay files named one by one (each the first time it is seen); beyond this, and for repeats on
+# a loop, one line per interval with the count.
+_NAMED_BAD_FILES = 20
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -81,6 +89,16 @@ class FrameSource(ABC):
     def expected_interval_s(self) -> float:
         """Longest normal gap between frames (0 = unknown); stall detection never fires below 3x this."""
         return 0.0
+
+    @property
+    def max_retry_delay_s(self) -> float | None:
+        """Cap on the reconnect back-off for this kind of source (None: reconnect.max_delay_s alone)."""
+        return None
+
+    @property
+    def skipped(self) -> int:
+        """Frames the source skipped without failing (a replay's unreadable files)."""
+        return 0
 
 
 def to_bgr(frame: np.ndarray) -> np.ndarray:
@@ -276,7 +294,13 @@ class GStreamerSource(_OpenCvSource):
 
 
 class ReplaySource(FrameSource):
-    """A folder of images (name order) or a video file. Reopening resumes where it stopped."""
+    """A folder of images (name order) or a video file. Reopening resumes where it stopped.
+
+    An unreadable image is skipped at once (logged and counted in `skipped`), never a reconnect; only a
+    whole pass with nothing readable (or an emptied folder) is a SourceError, retried at most
+    REPLAY_MAX_RETRY_S apart. The folder is listed again at every pass and every reopen, so files added
+    or put back play without a restart.
+    """
 
     type_key = "replay"
     config: ReplaySourceConfig
@@ -290,6 +314,10 @@ class ReplaySource(FrameSource):
         self._position = 0
         self._next_due: float | None = None
         self._noted: set[str] = set()
+        self._named: set[str] = set()  # unreadable files already named in the log
+        self.last_skip = ""  # why the last unreadable file was skipped
+        self._skipped = 0
+        self._log = LogLimiter(log, interval_s=30.0)
 
     def check(self) -> None:
         if not self.path.exists():
@@ -300,13 +328,23 @@ class ReplaySource(FrameSource):
             )
 
     def _list_images(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        try:
+            return sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        except OSError:
+            return []  # the folder itself is gone: open() says so
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped
+
+    @property
+    def max_retry_delay_s(self) -> float | None:
+        return REPLAY_MAX_RETRY_S
 
     def open(self) -> None:
         self._next_due = None
         if self.path.is_dir():
-            if self._files is None:
-                self._files = self._list_images()
+            self._files = self._list_images()
             if not self._files:
                 raise SourceError(f"no images in {self.path}")
             return
@@ -329,12 +367,33 @@ class ReplaySource(FrameSource):
 
     def _read_image(self) -> np.ndarray:
         assert self._files is not None
-        if self._position >= len(self._files):
-            if not self.config.loop:
-                raise EndOfStream(str(self.path))
-            self._position = 0
-        file = self._files[self._position]
-        self._position += 1  # a broken file is skipped after the reconnect, not retried forever
+        tried, last_reason = 0, ""
+        while True:
+            if self._position >= len(self._files):
+                if not self.config.loop:
+                    raise EndOfStream(str(self.path))
+                self._position = 0
+                self._files = self._list_images()  # a new pass sees files added or removed meanwhile
+            if not self._files:
+                raise SourceError(f"no images in {self.path}")
+            if tried >= len(self._files):
+                raise SourceError(f"no readable image in {self.path} ({tried} skipped in a row; last: {last_reason})")
+            file = self._files[self._position]
+            self._position += 1
+            tried += 1
+            try:
+                image = self._decode(file)
+            except SourceError as exc:
+                last_reason = str(exc)
+                self._skip(file, last_reason)
+                continue
+            note = frame_note(image)
+            if note is not None and note not in self._noted:
+                self._noted.add(note)
+                log.warning("replay %s: %s (%s); calibrate with frames of the same kind", self.path, note, file.name)
+            return to_bgr(image)
+
+    def _decode(self, file: Path) -> np.ndarray:
         try:
             with open(file, "rb") as f:
                 data = f.read()
@@ -346,11 +405,18 @@ class ReplaySource(FrameSource):
             raise SourceError(f"cannot read image {file} (skipped): {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}") from None
         if image is None:
             raise SourceError(f"cannot read image {file} (skipped): empty, truncated or not an image file")
-        note = frame_note(image)
-        if note is not None and note not in self._noted:
-            self._noted.add(note)
-            log.warning("replay %s: %s (%s); calibrate with frames of the same kind", self.path, note, file.name)
-        return to_bgr(image)
+        return image
+
+    def _skip(self, file: Path, reason: str) -> None:
+        """Count an unreadable file; name it the first time, later ones (and repeats on a loop) limited."""
+        self._skipped += 1
+        self.last_skip = reason
+        if file.name not in self._named and len(self._named) < _NAMED_BAD_FILES:
+            self._named.add(file.name)
+            log.warning("replay: %s", reason)
+        else:
+            self._log.log(logging.WARNING, "unreadable", "replay %s: %d unreadable image(s) skipped so far (last: %s)",
+                          self.path, self._skipped, reason)
 
     def _read_video(self) -> np.ndarray:
         if self._cap is None:

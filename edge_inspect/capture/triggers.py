@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..config.capture import TriggerConfig
 from ..daemon.runtime_stats import Counters
+from ..log_limit import LogLimiter
 from .reader import LatestFrame
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class MqttTrigger(Trigger):
     def __init__(self, config: TriggerConfig):
         super().__init__(config)
         self._queue: collections.deque[tuple[str | None, float, int]] = collections.deque()
+        self._log = LogLimiter(log)  # a trigger flood: one line per 10 s with the count
         self._cond = threading.Condition()
         self._frames: LatestFrame | None = None
 
@@ -114,7 +116,8 @@ class MqttTrigger(Trigger):
         with self._cond:
             if len(self._queue) >= self.config.queue_size:
                 self.counters.add("triggers_dropped")
-                log.warning(
+                self._log.log(
+                    logging.WARNING, "dropped",
                     "trigger for part %s dropped: %d triggers already wait for the scorer (trigger.queue_size)",
                     part_id, len(self._queue),
                 )

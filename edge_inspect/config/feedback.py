@@ -6,7 +6,7 @@ from pydantic import Field
 
 from .base import Section
 
-# = scorer.versions.DEFAULT_KEEP / MIN_KEEP (the config does not import the scorer)
+# = calibration.store.DEFAULT_KEEP / MIN_KEEP (the config does not import the scorer)
 DEFAULT_KEEP = 10
 MIN_KEEP = 2
 

@@ -195,7 +195,9 @@ class SpoolConfig(Section):
     )
     max_bytes: int = Field(
         256 * 1024 * 1024, ge=1024 * 1024, le=64 * 1024**3,
-        description="Most payload bytes kept; beyond it the policy drops some.",
+        description="Most payload bytes kept; beyond it the policy drops some. On a smaller disk the spool keeps "
+        "what fits there (its files and free space, less 5 % of the file system and room for its write-ahead log): "
+        "doctor says how many results that is.",
     )
     policy: Literal["keep_ng", "drop_oldest"] = Field(
         "keep_ng",

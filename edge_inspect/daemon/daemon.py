@@ -31,6 +31,7 @@ from ..config import AppConfig
 from ..evidence import EvidenceStore
 from ..feedback.apply import error_body as feedback_error
 from ..feedback.service import daemon_feedback_service
+from ..log_limit import LogLimiter
 from ..mqtt.publisher import ResultPublisher
 from ..vlm import VlmStage
 from ..vlm.ask import daemon_ask_service, error_body
@@ -88,6 +89,8 @@ class Daemon(ReloadMixin, HealthMixin):
         self._started_at = time.monotonic()
         self._stopping = False
         self._hung_logged = False
+        self._exit_code = 0  # 1 when a part failed for good (the MQTT network thread): systemd restarts us
+        self._log = LogLimiter(log)  # per-command warnings: one line per 10 s with the count
 
     # --- entry point --------------------------------------------------------------------------
 
@@ -148,7 +151,7 @@ class Daemon(ReloadMixin, HealthMixin):
             self._main_loop()
         finally:
             self._shutdown()
-        return 0
+        return self._exit_code
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -178,6 +181,10 @@ class Daemon(ReloadMixin, HealthMixin):
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self._reload()
+            if self.publisher.fatal_error is not None:
+                log.error("stopping with exit code 1 (systemd restarts the service): %s", self.publisher.fatal_error)
+                self._exit_code = 1
+                break
             now = time.monotonic()
             if watchdog_every and now - last_watchdog >= watchdog_every:
                 hung = self._hung(now, hang_limit)
@@ -288,4 +295,5 @@ class Daemon(ReloadMixin, HealthMixin):
                 fired = True
         if not fired:
             self.counters.add("triggers_unused")
-            log.warning("trigger received (part %s) but no camera has trigger.mode mqtt", command.part_id)
+            self._log.log(logging.WARNING, "trigger unused", "trigger received (part %s) but no camera has trigger.mode "
+                          "mqtt", command.part_id)

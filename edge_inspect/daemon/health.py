@@ -24,6 +24,8 @@ class HealthMixin:
             hung = [name for p in self.pipelines.values() for name in p.hung_threads(now, limit)]
         if self.flagged is not None and self.flagged.hung(now, limit):
             hung.append("flagged-sink")
+        if self.publisher is not None:
+            hung.extend(self.publisher.hung_threads())  # a dead sender, or a network thread given up on
         return hung
 
     def stats(self) -> dict[str, Any]:
@@ -73,6 +75,10 @@ class HealthMixin:
         if self.publisher is not None:
             state = self.publisher.state()
             broker = f"{'connected' if state.get('connected') else 'disconnected'}, spool {state.get('spool_depth', '?')}"
+            if not state.get("spool_available", True):
+                broker += " (spool unusable: publishing unspooled)"
+            if state.get("network_restarts"):
+                broker += f", network thread restarted {state['network_restarts']}x"
         line = "; ".join(parts) + f"; broker {broker}"
         drift = getattr(self, "drift", None)
         alarms = drift.alarms() if drift is not None else []

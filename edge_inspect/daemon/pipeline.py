@@ -26,6 +26,7 @@ from ..capture.triggers import MqttTrigger, Trigger, create_trigger
 from ..config import CameraConfig
 from ..evidence import EvidenceStore
 from ..localize import find_regions
+from ..log_limit import LogLimiter
 from ..records import Frame, Inspection, Region, ScoreResult, new_inspection_id
 from .flagged_queue import FlaggedFrame, FlaggedQueue, UpdateOnce
 from .runtime_stats import CameraStats, release_freed_memory
@@ -82,7 +83,7 @@ class CameraPipeline:
         self._scorer_thread = threading.Thread(target=self._score_loop, name=f"score-{self.name}", daemon=True)
         self.beats = {"dispatch": time.monotonic(), "score": time.monotonic()}
         self._in_flight = 0
-        self._error_logged: dict[str, float] = {}
+        self._log = LogLimiter(log, interval_s=60.0)  # failed inspections and missed triggers: first at once, then counted
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -173,7 +174,8 @@ class CameraPipeline:
                     self._slots.release()
                     if request.external:
                         self.stats.counters.add("triggers_missed")
-                        log.warning(
+                        self._log.log(
+                            logging.WARNING, "trigger missed",
                             "%s: no frame within %.1fs of the trigger (part %s); is the camera streaming? (%s)",
                             self.name, request.frame_timeout_s, request.part_id, self.capture.state.value,
                         )
@@ -229,16 +231,11 @@ class CameraPipeline:
                 self._slots.release()
 
     def _error(self, message: str, exc: BaseException | None = None) -> None:
-        """Count every failed inspection; log the first of a kind at once, repeats once a minute."""
+        """Count every failed inspection; log the first of a kind at once, repeats once a minute with their count."""
         self.stats.counters.add("errors")
-        now = time.monotonic()
         kind = message.split(":")[0] if exc is None else type(exc).__name__
-        last = self._error_logged.get(kind)
-        if last is not None and now - last < 60.0:
-            return
-        self._error_logged[kind] = now
-        total = self.stats.counters.get("errors")
-        log.error("%s: %s (%d failed inspection(s) so far)", self.name, message, total, exc_info=exc)
+        self._log.log(logging.ERROR, kind, "%s: %s (%d failed inspection(s) so far)", self.name, message,
+                      self.stats.counters.get("errors"), exc_info=exc)
 
     def _current_scorer(self):
         with self._scorer_lock:

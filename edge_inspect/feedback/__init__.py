@@ -6,7 +6,7 @@
     service.py  FeedbackService: the daemon's bounded, rate-limited, low-priority queue
     command.py  `edge-inspect feedback`: over MQTT to the daemon, or --local on the folders
 
-An NG overruled as ok joins the product's good set as a new calibration version (scorer.calibrate.refit_product),
+An NG overruled as ok joins the product's good set as a new calibration version (calibration.calibrate.refit_product),
 and the daemon swaps its scorers without losing a frame; a confirmed ng is kept as a labelled defect. The
 payloads and topics are mqtt/feedback.py; docs/mqtt.md#operator-feedback.
 """

@@ -2,7 +2,8 @@
 
 The MQTT client only hands over (topic, payload, retained); a route parses the payload and calls its
 handler. A new command is one handler and one row. Malformed payloads and handler errors are
-counted and logged, never raised into the network thread. `TokenBucket` is the per-station rate limit
+counted and logged (repeats at most every 10 s with their count: `log_limit`), never raised into the
+network thread. `TokenBucket` is the per-station rate limit
 of the commands that start work (ask, feedback), checked in their handlers without blocking.
 
 Example:
@@ -18,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from ..log_limit import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class CommandDispatcher:
     def __init__(self, routes: dict[str, Route], counts: dict[str, int]):
         self.routes = dict(routes)
         self.counts = counts
+        self.log = LogLimiter(log)  # a burst of bad commands gives a line per 10 s per kind, with the count
 
     @property
     def topics(self) -> list[str]:
@@ -51,17 +55,20 @@ class CommandDispatcher:
             return
         if retained and route.ignore_retained:
             self.counts["retained_triggers_ignored"] += 1
-            log.warning("ignored a retained %s on %s (clear it: mosquitto_pub -r -n -t '%s')", route.name, topic, topic)
+            self.log.log(logging.WARNING, f"retained {route.name}", "ignored a retained %s on %s (clear it: "
+                         "mosquitto_pub -r -n -t '%s')", route.name, topic, topic)
             return
         try:
             command = route.parse(payload)
         except (ValueError, RecursionError, MemoryError) as exc:
             self.counts["malformed_commands"] += 1
-            log.warning("ignored malformed %s command: %s (payload %r)", route.name, exc, payload[:80])
+            self.log.log(logging.WARNING, f"malformed {route.name}", "ignored malformed %s command: %s (payload %r)",
+                         route.name, exc, payload[:80])
             return
         except Exception:  # noqa: BLE001 - a parser bug must not escape into paho's network thread
             self.counts["command_errors"] += 1
-            log.exception("parsing a %s command failed (payload %r)", route.name, payload[:80])
+            self.log.log(logging.ERROR, f"parser {route.name}", "parsing a %s command failed (payload %r)",
+                         route.name, payload[:80], exc_info=True)
             return
         self.counts[route.counter] += 1
         if route.handler is None:
@@ -71,7 +78,8 @@ class CommandDispatcher:
             route.handler(command)
         except Exception:  # noqa: BLE001 - a handler bug must not take the MQTT session down
             self.counts["command_errors"] += 1
-            log.exception("the %s handler failed on %r", route.name, command)
+            self.log.log(logging.ERROR, f"handler {route.name}", "the %s handler failed on %r", route.name, command,
+                         exc_info=True)
 
 
 class TokenBucket:

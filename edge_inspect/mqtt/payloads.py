@@ -100,6 +100,22 @@ def encode(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+@lru_cache(maxsize=1)
+def typical_result_bytes() -> int:
+    """Size of a typical result message (NG, two regions, a part id, an evidence path): how the spool's
+    capacity is told in results rather than bytes."""
+    inspection = records.Inspection(
+        inspection_id="5f0c2a9e8d7b4c1a9e3f6b2d4c8a1e07", station="line3-cam1", camera="top", product="bracket-a",
+        frame_id=123456, timestamp=1_750_000_000.123, score=0.8123, threshold=0.5, verdict="NG",
+        regions=(records.Region((10, 20, 60, 90), 2.5, 0.93, ("top left", "top")),
+                 records.Region((200, 200, 220, 230), 0.31, 0.61, ("center",))),
+        part_id="A-1001", latency_ms={"capture": 1.2, "score": 35.712, "localize": 2.0, "total": 40.1},
+        calibration_id="cal-3f2a", calibration_version=3, model_id="effnet-lite0-9c1d", vlm_status="pending",
+        evidence_path="20250615/5f0c2a9e8d7b4c1a9e3f6b2d4c8a1e07.jpg",
+    )
+    return len(encode(result_payload(inspection, 4711)))
+
+
 def mark_replayed(data: bytes) -> bytes:
     """The same message with `replayed: true` (sent from the spool after an outage or a restart)."""
     payload = json.loads(data)

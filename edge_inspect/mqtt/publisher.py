@@ -3,7 +3,9 @@
 Threads: the caller's (publish_* only insert into the spool and wake the sender), the sender
 (moves spooled rows to paho in id order, at most `max_inflight` unacknowledged, deletes acked rows)
 and paho's network thread (callbacks only record events and wake the sender; they never wait for
-a lock the sender holds while it calls paho, so the two cannot deadlock).
+a lock the sender holds while it calls paho, so the two cannot deadlock). The sender also watches the
+network thread: one that ended on its own (an exception inside paho) is restarted with a fresh connect,
+and after _NETWORK_RESTARTS in _NETWORK_RESTART_WINDOW_S the publisher reports `fatal_error`.
 
 After every (re)connect, paho's own queue is dropped and the sender starts again from the oldest
 unacknowledged row, marking messages it had not sent live in that connection `replayed: true`.
@@ -40,6 +42,7 @@ from paho.mqtt.properties import Properties
 from .. import records
 from ..config.mqtt import MqttConfig, SpoolConfig
 from ..errors import ConfigError
+from ..log_limit import LogLimiter
 from .ask import AskRequest, answer_payload, answer_topic, ask_topic, parse_ask
 from .client import describe_connect_error, make_client, tls_context
 from .dispatch import CommandDispatcher, Route
@@ -68,6 +71,10 @@ log = logging.getLogger(__name__)
 _SEND_BATCH = 100  # rows fetched from the spool per query while filling the in-flight window
 _DROP_LOG_S = 10.0  # spool drops are logged at most this often, each time with the running total
 _LOG_REPEAT_S = 60.0  # an unchanged connection error is logged again at most this often
+# paho's network thread ending on its own is restarted; this many times within _NETWORK_RESTART_WINDOW_S and
+# the publisher gives up (`fatal_error`): the daemon then exits non-zero and systemd restarts the process.
+_NETWORK_RESTARTS = 5
+_NETWORK_RESTART_WINDOW_S = 300.0
 # CONNACK reason codes that mean "your credentials are wrong" (MQTT 3.1.1: 4, 5; MQTT 5: 0x86, 0x87).
 _AUTH_REFUSALS = {4, 5, 0x86, 0x87}
 
@@ -120,11 +127,15 @@ class ResultPublisher:
         self._final_spool: dict[str, Any] = {}
         self._last_drop_log = -_DROP_LOG_S
         self._drops_unlogged = 0
+        self._log = LogLimiter(log)  # per-message problems: one line per 10 s per kind, with the count
+        self._network_restarts: deque[float] = deque()
+        self.fatal_error: str | None = None  # set when the network thread cannot be kept alive
         self._counts = dict.fromkeys(
             (
                 "connects", "disconnects", "connect_failures", "published", "replayed", "rejected", "inflight",
                 "malformed_commands", "retained_triggers_ignored", "command_errors", "triggers", "product_sets",
-                "images_published", "images_skipped", "spool_errors", "unspooled",
+                "images_published", "images_skipped", "spool_errors", "unspooled", "unspooled_lost",
+                "network_restarts",
                 "asks", "answers_published", "answers_unsent",
                 "feedbacks", "feedback_results_published", "feedback_results_unsent",
             ),
@@ -211,7 +222,8 @@ class ResultPublisher:
         client = self._client
         if client is None or not self._connected:
             self._counts["answers_unsent"] += 1
-            log.warning("answer to request %s not sent: not connected to the broker", body.get("request_id"))
+            self._log.log(logging.WARNING, "answer unsent", "answer to request %s not sent: not connected to the broker",
+                          body.get("request_id"))
             return False
         client.publish(answer_topic(self.topics), payload, qos=1)
         self._counts["answers_published"] += 1
@@ -225,7 +237,8 @@ class ResultPublisher:
         client = self._client
         if client is None or not self._connected:
             self._counts["feedback_results_unsent"] += 1
-            log.warning("feedback result for inspection %s not sent: not connected to the broker", body.get("inspection_id"))
+            self._log.log(logging.WARNING, "feedback result unsent",
+                          "feedback result for inspection %s not sent: not connected to the broker", body.get("inspection_id"))
             return False
         client.publish(feedback_result_topic(self.topics), payload, qos=1)
         self._counts["feedback_results_published"] += 1
@@ -254,6 +267,7 @@ class ResultPublisher:
             "commands_subscribed": self._connected and self._commands_live,
             "last_error": self._last_error,
             "last_error_at": iso_utc(self._last_error_at) if self._last_error_at else None,
+            "network_thread_alive": self.network_alive(),
             **spool,
             **counts,
         }
@@ -286,6 +300,8 @@ class ResultPublisher:
             client.disconnect()
             client.loop_stop()
         self._log_drops((), final=True)  # drops the last quiet interval hid
+        self._log.flush()
+        self._commands.log.flush()  # repeats of bad commands not yet reported
         self._final_spool = self._spool_snapshot()
         self._closed = True
         self._spool.close()
@@ -310,12 +326,17 @@ class ResultPublisher:
         except SpoolWriteError as exc:
             # The disk is full or broken: publish without the guarantee rather than not at all.
             self._counts["spool_errors"] += 1
-            log.error("spool write failed (%s); publishing %s seq %d without the spool (lost if the broker is down)",
-                      exc, kind, exc.seq)
-            client = self._client
-            if client is not None and self._connected:
-                client.publish(topic, exc.payload, qos=1)
             self._counts["unspooled"] += 1
+            client = self._client
+            sent = client is not None and self._connected
+            if sent:
+                client.publish(topic, exc.payload, qos=1)
+            else:
+                self._counts["unspooled_lost"] += 1
+            self._log.log(
+                logging.ERROR, "spool write", "spool write failed (%s); %s seq %d %s (stats: unspooled, unspooled_lost)",
+                exc, kind, exc.seq, "published without the spool" if sent else "LOST: not spooled and not connected",
+            )
             return
         if appended.dropped:
             self._log_drops(appended.dropped)
@@ -368,13 +389,63 @@ class ResultPublisher:
             self._wake.wait(0.5)
             self._wake.clear()
             try:
+                self._supervise_network()
                 self._sender_step(state)
             except Exception:  # noqa: BLE001 - the sender must outlive any one bad step
                 self._counts["spool_errors"] += 1
-                log.exception("publishing from the spool failed; retrying")
+                self._log.log(logging.ERROR, "sender step", "publishing from the spool failed; retrying", exc_info=True)
                 time.sleep(0.5)
             if self._stop_sender.is_set():
                 return
+
+    def network_alive(self) -> bool:
+        """paho's network thread runs (or the publisher was never started / is stopping)."""
+        client = self._client
+        if client is None or not self._started or self._stopping:
+            return True
+        return getattr(client, "_thread", None) is not None
+
+    def hung_threads(self) -> list[str]:
+        """Threads of the publisher that are dead and not coming back (the daemon's watchdog check)."""
+        hung = []
+        if self._sender is not None and not self._sender.is_alive() and not self._stop_sender.is_set():
+            hung.append("mqtt-sender")
+        if self.fatal_error is not None:
+            hung.append("mqtt-network")
+        return hung
+
+    def _supervise_network(self) -> None:
+        """Restart paho's network thread when it ended on its own: a fresh connect, then the spool is sent
+        again from its oldest row (as after any disconnect)."""
+        if self.network_alive() or self.fatal_error is not None:
+            return
+        client = self._client
+        assert client is not None
+        now = time.monotonic()
+        while self._network_restarts and now - self._network_restarts[0] > _NETWORK_RESTART_WINDOW_S:
+            self._network_restarts.popleft()
+        if len(self._network_restarts) >= _NETWORK_RESTARTS:
+            self.fatal_error = (
+                f"the MQTT network thread (paho) ended {len(self._network_restarts) + 1} times within "
+                f"{_NETWORK_RESTART_WINDOW_S:g} s; giving up so the service manager restarts the process"
+            )
+            log.error("%s", self.fatal_error)
+            return
+        self._network_restarts.append(now)
+        self._counts["network_restarts"] += 1
+        was_connected = self._connected
+        self._connected = False
+        self._events.append(("disconnected",))  # nothing in flight survives; resend from the oldest row
+        log.error(
+            "the MQTT network thread (paho) ended unexpectedly%s; restarting it with a new connection to %s "
+            "(restart %d; results wait in the spool meanwhile)",
+            " while connected" if was_connected else "", self.broker, self._counts["network_restarts"],
+        )
+        client.connect_async(
+            self.config.host, self.config.broker_port, self.config.keepalive_s,
+            **({"clean_start": True} if self.config.protocol == "5" else {}),
+        )
+        client.loop_start()
 
     def _sender_step(self, state: "_SenderState") -> None:
         """Apply connection events and PUBACKs in the order they happened, then top up the in-flight window."""
@@ -390,8 +461,8 @@ class ResultPublisher:
                     row_id = state.inflight.pop(mid)
                     self._spool.unprotect([row_id])
                     self._counts["rejected"] += 1
-                    log.error("broker rejected spool row %d (%s); it stays spooled and is retried after the next reconnect",
-                              row_id, failure)
+                    self._log.log(logging.ERROR, "rejected", "broker rejected spool row %d (%s); it stays spooled and is "
+                                  "retried after the next reconnect", row_id, failure)
             else:  # connected / disconnected: nothing in flight survives; resend from the oldest row
                 self._delete_acked(state)
                 state.inflight.clear()
@@ -412,7 +483,8 @@ class ResultPublisher:
             self._spool.delete(state.inflight[mid] for mid in state.acked)
         except Exception:  # noqa: BLE001 - a broken spool must not stop publishing
             self._counts["spool_errors"] += 1
-            log.exception("could not delete %d acknowledged row(s) from the spool; they will be sent again", len(state.acked))
+            self._log.log(logging.ERROR, "spool delete", "could not delete %d acknowledged row(s) from the spool; they "
+                          "will be sent again", len(state.acked), exc_info=True)
         for mid in state.acked:
             state.inflight.pop(mid, None)
         self._counts["published"] += len(state.acked)

@@ -117,6 +117,7 @@ def bench_mode(config: VlmConfig, knowledge: Knowledge, frames: list[dict[str, A
             rows.append(
                 {
                     "latency_ms": latency_ms,
+                    **time_split(latency_ms, c),
                     "images": prompt.image_count,
                     "prompt_tokens": c.get("prompt_tokens", 0),
                     "generated_tokens": c.get("generated_tokens", 0),
@@ -147,7 +148,71 @@ def bench_mode(config: VlmConfig, knowledge: Knowledge, frames: list[dict[str, A
         "effective_tokens_per_s": round(statistics.mean(r["effective_tps"] for r in rows), 1) if rows else 0,
         "valid": sum(r["valid"] for r in rows),
         "errors": sorted({r["error"] for r in rows if r["error"]}),
+        "split": summarise_split(rows),
     }
+
+
+def time_split(latency_ms: float, completion: dict[str, Any]) -> dict[str, float]:
+    """Where one request's time went: the model's prompt and decode (llama.cpp's own timers), picking
+    tokens under the grammar (timed in the worker), and everything else (chat template, tokenising,
+    the worker pipe, parsing): the request's wall time minus the other three."""
+    prompt = float(completion.get("prompt_ms", 0.0))
+    decode = float(completion.get("generation_ms", 0.0))
+    sample = float(completion.get("sample_ms", 0.0))
+    return {
+        "split_prompt_ms": prompt,
+        "split_decode_ms": decode,
+        "split_sample_ms": sample,
+        "split_other_ms": max(0.0, latency_ms - prompt - decode - sample),
+        "model_ms": prompt + decode,
+        "grammar_full_steps": int(completion.get("grammar_full_steps", 0)),
+    }
+
+
+def summarise_split(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians of the split over the timed requests, and the headline ratio: p50 latency over p50 of the
+    model's own time (prompt + decode); 1.0 would mean nothing outside the model costs anything."""
+    if not rows:
+        return {}
+
+    def p50(key: str) -> float:
+        return round(_percentile(sorted(r[key] for r in rows), 50), 1)
+
+    model = p50("model_ms")
+    latency = p50("latency_ms")
+    return {
+        "prompt_ms": p50("split_prompt_ms"),
+        "decode_ms": p50("split_decode_ms"),
+        "sample_ms": p50("split_sample_ms"),
+        "other_ms": p50("split_other_ms"),
+        "latency_ms": latency,
+        "model_ms": model,
+        "ratio_to_model": round(latency / model, 2) if model else 0.0,
+        "grammar_full_steps": p50("grammar_full_steps"),
+    }
+
+
+def render_split(result: dict[str, Any]) -> str:
+    """The second table: p50 of each part per flagged frame and the ratio to the model's own time."""
+    header = ("mode", "prompt ms", "decode ms", "sampling+grammar ms", "other ms", "p50 ms", "p50 / (prompt+decode)",
+              "full-vocab grammar steps")
+    lines = []
+    for m in result["modes"]:
+        split = m.get("split")
+        if not split:
+            continue
+        lines.append((
+            m["mode"], f"{split['prompt_ms']:.0f}", f"{split['decode_ms']:.0f}", f"{split['sample_ms']:.0f}",
+            f"{split['other_ms']:.0f}", f"{split['latency_ms']:.0f}", f"{split['ratio_to_model']:.2f}x",
+            f"{split['grammar_full_steps']:.0f} of {m['generated_tokens']:.0f} tokens",
+        ))
+    if not lines:
+        return ""
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
+    out = ["where the time of one flagged frame goes (p50 of each part; other = template, tokenising, worker pipe, parsing):",
+           "  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines]
+    return "\n".join(out)
 
 
 FOLLOWUP_QUESTIONS = (
@@ -307,6 +372,9 @@ def render_table(result: dict[str, Any]) -> str:
     for m in result["modes"]:
         for error in m.get("errors", []):
             out.append(f"  {m['mode']}: {error}")
+    split = render_split(result)
+    if split:
+        out.append(split)
     if result.get("followups"):
         out.append(render_followups(result))
     if result["tiny"]:
@@ -359,12 +427,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_gpu_layers": args.n_gpu_layers,
         "max_tokens": args.max_tokens,
         "reasoning": not args.no_reasoning,
-        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
+        "host": f"{cpu_model()}, {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
         "llama_cpp_python": llama_cpp.__version__,
         "llama_system_info": llama_cpp.llama_print_system_info().decode().strip(),
         "modes": results,
         **({"followups": followups} if followups else {}),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's name (/proc/cpuinfo `model name`), so absolute times are read next to the hardware."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def build_parser() -> argparse.ArgumentParser:

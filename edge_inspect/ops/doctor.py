@@ -32,10 +32,13 @@ from ..capture.sources import EndOfStream, SourceError, create_source
 from ..config import load_config
 from ..errors import UserError
 from ..mqtt.client import describe_connect_error, make_client, tls_context
+from ..mqtt.payloads import typical_result_bytes
+from ..mqtt.spool import spool_capacity
 from ..scorer.backends import create_backend
 from ..scorer.backends import trt_plan_cache as plan_cache
 from ..scorer.backends.trt_backend import CudaDevice, tensorrt_available
 from ..scorer.product import load_product
+from ..vlm.runner import check_model_files
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -135,7 +138,12 @@ def _check_source(camera: Any, timeout_s: float) -> CheckResult:
             source.open()
             outcome["frame"] = source.read()
         except (SourceError, EndOfStream) as exc:
-            outcome["error"] = str(exc) if isinstance(exc, SourceError) else "no frames in it"
+            if isinstance(exc, SourceError):
+                outcome["error"] = str(exc)
+            elif getattr(source, "skipped", 0):
+                outcome["error"] = f"no readable frame in it ({source.skipped} skipped; last: {source.last_skip})"
+            else:
+                outcome["error"] = "no frames in it"
         except Exception as exc:  # a driver or decoder exception also means "no frame"
             outcome["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -409,33 +417,96 @@ def check_directories(ctx: DoctorContext) -> Iterator[CheckResult]:
     if evidence is not None and evidence.enabled:
         folders.append(("evidence", Path(evidence.dir), True))
     for role, path, writes in folders:
-        yield _check_folder(f"disk {role}", path, writes)
+        extra = spool_capacity_note(config.spool) if role == "spool" else ""
+        yield _check_folder(f"disk {role}", path, writes, extra)
 
 
-def _check_folder(name: str, path: Path, writes: bool) -> CheckResult:
-    user = _user_name()
-    existing = next((p for p in [path, *path.absolute().parents] if p.exists()), Path("/"))
-    if existing != path and not writes:
-        return fail(name, f"{path} does not exist", "create it or fix the path in the config")
-    if not existing.is_dir():
-        return fail(name, f"{existing} is not a folder", "fix the path in the config")
+def _check_folder(name: str, path: Path, writes: bool, extra: str = "") -> CheckResult:
+    problem = folder_problem(path, writes)
+    if problem is not None:
+        return fail(name, *problem)
+    existing = _nearest_existing(path)
     free_mb = shutil.disk_usage(existing).free / 1e6
+    where = f"{path}" + ("" if existing == path else f" (not there yet; created in {existing})")
+    detail = f"{where}: {'writable' if writes else 'readable'}, {free_mb / 1024:.1f} GB free{extra}"
+    if free_mb < DISK_FAIL_MB:
+        return fail(name, detail, "free disk space: the spool and evidence need room to keep results")
+    if free_mb < DISK_WARN_MB:
+        return warn(name, detail, "free disk space or lower evidence.max_mb / spool.max_bytes")
+    return ok(name, detail)
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next((p for p in [path, *path.absolute().parents] if p.exists()), Path("/"))
+
+
+def folder_problem(path: Path, writes: bool) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when this user cannot use the folder `path` (one not there yet is judged by its
+    nearest existing parent, where the daemon would create it), else None. A probe file is created and removed."""
+    user = _user_name()
+    existing = _nearest_existing(path)
+    if existing != path and not writes:
+        return f"{path} does not exist", "create it or fix the path in the config"
+    if not existing.is_dir():
+        return f"{existing} is not a folder", "fix the path in the config"
     where = f"{path}" + ("" if existing == path else f" (not there yet; created in {existing})")
     if writes:
         try:
             with tempfile.NamedTemporaryFile(dir=existing, prefix=".edge-inspect-doctor-"):
                 pass
         except OSError as exc:
-            return fail(name, f"{where}: {user} cannot write there ({exc.strerror or exc})",
-                        f"chown/chmod it for {user} (under systemd: StateDirectory=) or point the config elsewhere")
+            return (f"{where}: {user} cannot write there ({exc.strerror or exc})",
+                    f"chown/chmod it for {user} (under systemd: StateDirectory=) or point the config elsewhere")
     elif not os.access(existing, os.R_OK | os.X_OK):
-        return fail(name, f"{where}: {user} cannot read it", f"chmod/chown it so {user} can read it")
-    detail = f"{where}: {'writable' if writes else 'readable'}, {free_mb / 1024:.1f} GB free"
-    if free_mb < DISK_FAIL_MB:
-        return fail(name, detail, "free disk space: the spool and evidence need room to keep results")
-    if free_mb < DISK_WARN_MB:
-        return warn(name, detail, "free disk space or lower evidence.max_mb / spool.max_bytes")
-    return ok(name, detail)
+        return f"{where}: {user} cannot read it", f"chmod/chown it so {user} can read it"
+    return None
+
+
+def spool_capacity_note(spool_config: Any) -> str:
+    """How many typical results the spool holds through a broker outage, and what limits it."""
+    capacity = spool_capacity(spool_config)
+    size = typical_result_bytes()
+    limit = ("its disk (spool.max_bytes does not fit)" if capacity.limited_by == "disk"
+             else f"spool.max_bytes, {capacity.max_bytes / 2**20:g} MiB")
+    rows = " and spool.max_rows" if capacity.results(size) == capacity.max_rows else ""
+    return (f"; holds about {capacity.results(size):,} results of {size} B through an outage (limited by "
+            f"{limit}{rows}; log bound {capacity.wal_bytes // 1024} KiB)")
+
+
+def config_file_problems(config: Any) -> list[CheckResult]:
+    """What `run` refuses at start, found by reading files only: no camera is opened, no broker dialled, no model
+    loaded (`check-config` runs these; `doctor` runs the fuller checks). Failures only."""
+    problems: list[CheckResult] = []
+    scoring = config.scoring
+    for camera in config.cameras:
+        try:
+            create_source(camera.source, camera.reconnect).check()
+        except UserError as exc:
+            problems.append(fail(f"source {camera.name}", f"cameras[{camera.name}].{exc}",
+                                 "fix the camera's source section (a replay path must be a folder of images or a video)"))
+    for product in dict.fromkeys(camera.product for camera in config.cameras):
+        problems += [r for r in _check_calibration(product, scoring) if isinstance(r, CheckResult) and r.status == "fail"]
+    spool = Path(config.spool.path)
+    problem = folder_problem(spool.parent, writes=True)
+    if problem is None:
+        for file in (spool, spool.with_name(spool.name + ".lock")):
+            if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+                problem = (f"{file}: {_user_name()} cannot read and write it",
+                           "chown it to the daemon's user or point spool.path elsewhere")
+    if problem is not None:
+        problems.append(fail("spool", f"spool.path: {problem[0]}", problem[1]))
+    evidence = getattr(config, "evidence", None)
+    if evidence is not None and evidence.enabled:
+        problem = folder_problem(Path(evidence.dir), writes=True)
+        if problem is not None:
+            problems.append(fail("evidence", f"evidence.dir: {problem[0]}", f"{problem[1]}, or evidence.enabled: false"))
+    vlm = getattr(config, "vlm", None)
+    if vlm is not None and vlm.enabled:
+        try:
+            check_model_files(vlm)
+        except UserError as exc:
+            problems.append(fail("vlm", str(exc), "download the GGUF files or fix vlm.model / vlm.mmproj, or vlm.enabled: false"))
+    return problems
 
 
 def _user_name() -> str:

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 from ..config.vlm import VlmConfig
 from ..errors import ConfigError, UserError
+from .sampling import LazyGrammarSampler
 
 # clip.projector_type -> the handler written for that model family (keys are normalised names).
 _PROJECTOR_HANDLERS = {
@@ -231,6 +232,8 @@ class Completion:
     total_ms: float
     generation_evals: int = 0  # single-token decodes llama.cpp timed in generation_ms
     prompt_evals: int = 0  # prompt tokens llama.cpp decoded (prompt_tokens minus a reused KV-cache prefix)
+    sample_ms: float = 0.0  # picking tokens under the grammar (sampling.LazyGrammarSampler), outside the model
+    grammar_full_steps: int = 0  # tokens for which the grammar had to look at the whole vocabulary
 
     @property
     def generation_tokens_per_s(self) -> float:
@@ -247,6 +250,8 @@ class Completion:
             "total_ms": round(self.total_ms, 2),
             "generation_evals": self.generation_evals,
             "prompt_evals": self.prompt_evals,
+            "sample_ms": round(self.sample_ms, 2),
+            "grammar_full_steps": self.grammar_full_steps,
         }
 
 
@@ -329,6 +334,8 @@ class LlamaRunner:
         ctx = self._llm._ctx.ctx
         llama_cpp.llama_perf_context_reset(ctx)
         self._llm.deadline = deadline
+        if hasattr(self._llm, "last_sampler"):
+            self._llm.last_sampler = None
         if self.chat_format.removeprefix("auto:") in _FORMATS_WITHOUT_SYSTEM:
             messages = fold_system_message(messages)
         try:
@@ -349,6 +356,7 @@ class LlamaRunner:
         finally:
             self._llm.deadline = None
         perf = llama_cpp.llama_perf_context(ctx)
+        sampler = getattr(self._llm, "last_sampler", None)
         return Completion(
             text=text,
             finish_reason=finish,
@@ -359,6 +367,8 @@ class LlamaRunner:
             generation_evals=int(perf.n_eval),
             prompt_evals=int(perf.n_p_eval),
             total_ms=1000.0 * (time.monotonic() - start),
+            sample_ms=1000.0 * sampler.stats["seconds"] if sampler is not None else 0.0,
+            grammar_full_steps=sampler.stats["vocabulary"] if sampler is not None else 0,
         )
 
     def _grammar(self, text: str) -> Any:
@@ -422,6 +432,8 @@ def _deadline_llama_class() -> type:
 
         class DeadlineLlama(llama_cpp.Llama):
             deadline: float | None = None
+            lazy_grammar: bool = True
+            last_sampler: LazyGrammarSampler | None = None
 
             def _check(self) -> None:
                 if self.deadline is not None and time.monotonic() > self.deadline:
@@ -434,6 +446,19 @@ def _deadline_llama_class() -> type:
             def sample(self, *args, **kwargs):
                 self._check()
                 return super().sample(*args, **kwargs)
+
+            def _init_sampler(self, *args, **kwargs):
+                # The grammar checked on the token picked, not on the whole vocabulary (sampling.py).
+                grammar = kwargs.get("grammar")
+                if grammar is None or not self.lazy_grammar:
+                    self.last_sampler = None
+                    return super()._init_sampler(*args, **kwargs)
+                self.last_sampler = LazyGrammarSampler(
+                    self, grammar, temp=kwargs.get("temp", 0.8), top_k=kwargs.get("top_k", 40),
+                    top_p=kwargs.get("top_p", 0.95), min_p=kwargs.get("min_p", 0.05),
+                    repeat_penalty=kwargs.get("repeat_penalty", 1.0), seed=self._seed,
+                )
+                return self.last_sampler
 
         _DEADLINE_LLAMA = DeadlineLlama
     return _DEADLINE_LLAMA
