@@ -21,7 +21,7 @@ $(STAMPS)/base: pyproject.toml | $(VENV)/bin/python
 	@touch $@
 
 $(STAMPS)/dev: $(STAMPS)/base tools/ensure_llama_wheel.sh
-	$(PIP) install -q -e ".[export,demo,dev]"
+	$(PIP) install -q -e ".[export,demo,dev,eval]"
 	bash tools/ensure_llama_wheel.sh $(VENV)
 	@touch $@
 
