@@ -5,7 +5,8 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 STAMPS := .make-stamps
 # PyTorch is only used to export the pretrained backbone and for reference checks. Pinned so pip takes
-# the CPU wheel the build machines carry instead of a multi-GB CUDA build.
+# the CPU wheel the build machines carry instead of a multi-GB CUDA build. The `eval` extra (anomalib's
+# PatchCore floor) pins torchvision==0.28.0, the release for torch 2.13.0: change both together.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test test-fast venv venv-dev system-deps clean

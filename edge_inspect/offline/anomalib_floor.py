@@ -21,8 +21,9 @@ What is ours, and why:
   on RGB 0..255, what the Lite weights were trained on. The Patchcore Lightning module's default
   pre-processor (ImageNet mean/std on 0..1) belongs to torchvision-trained backbones, so it is not used.
 - Bank: every patch embedding of the shots, what coreset_sampling_ratio=1.0 asks for, set directly.
-  anomalib's KCenterGreedy at ratio 1.0 would not return that set: it picks N indices one at a time on a
-  random projection, and once every point is a centre it repeats index 0.
+  anomalib's KCenterGreedy at ratio 1.0 picks N indices one at a time (O(N^2)) on a random projection:
+  the same set reordered where all patches differ, but a patch equal to a chosen one is never picked
+  and index 0 is repeated in its place.
 
 torchvision, explicitly: timm and anomalib import torchvision. PyPI's x86-64 torchvision wheels are built
 against CUDA torch; beside the CPU torch the project pins (torch==2.13.0, Makefile TORCH_SPEC) the C++
@@ -207,7 +208,9 @@ def lite0_input(bgr: np.ndarray, size: tuple[int, int] = INPUT_SIZE):
 
 
 class AnomalibPatchCore:
-    """anomalib's PatchcoreModel with the Lite0 weights (module docstring: what is anomalib's, what ours)."""
+    """anomalib's PatchcoreModel with the Lite0 weights (module docstring: what is anomalib's, what ours).
+
+    threads: torch's intra-op thread count, which is per process in torch (0 leaves it as it is)."""
 
     name = NAME
 
