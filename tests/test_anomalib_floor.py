@@ -115,8 +115,8 @@ def test_floor_separates_obvious_defects_and_points_at_them(tmp_path, lite0_weig
     pytest.importorskip("skimage", reason="the generated dataset is rendered from scikit-image photos")
     from edge_inspect.imageio import read_bgr
     from edge_inspect.offline.anomalib_floor import AnomalibPatchCore
-    from edge_inspect.offline.mvtec import load_dataset, read_mask
-    from edge_inspect.scorer.synth import generate_dataset
+    from edge_inspect.offline.datasets.mvtec import load_dataset, read_mask
+    from edge_inspect.offline.datasets.generate import generate_dataset
 
     root = generate_dataset(tmp_path, "coin", n_train=4, n_test_good=4, n_test_defect=3, seed=0, kinds=("foreign_patch", "hole"))
     dataset = load_dataset(root)

@@ -37,8 +37,8 @@ from edge_inspect.imageio import read_bgr, to_input
 from edge_inspect.offline.anomalib_floor import AnomalibPatchCore, lite0_input
 from edge_inspect.offline.evaluate import dataset_roots
 from edge_inspect.offline.metrics import auroc
-from edge_inspect.offline.mvtec import load_dataset, read_mask
-from edge_inspect.scorer.calibrate import anomaly_map_from_distances
+from edge_inspect.offline.datasets.mvtec import load_dataset, read_mask
+from edge_inspect.scorer.anomaly_map import anomaly_map_from_distances
 from edge_inspect.scorer.params import ScorerParams
 
 SIZE = 256
