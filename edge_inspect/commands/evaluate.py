@@ -1,4 +1,4 @@
-"""`edge-inspect evaluate`: few-shot quality on MVTec-AD-layout datasets, beside the plain PatchCore floor."""
+"""`edge-inspect evaluate`: few-shot quality on MVTec-AD-layout datasets, beside anomalib's PatchCore as the floor."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-test", type=int, help="score at most this many test images")
     p.add_argument(
-        "--no-reference", action="store_true",
-        help="skip the plain PatchCore floor (by default it is fitted on the same shots and scored on the same images)",
+        "--no-floor", "--no-reference", dest="no_floor", action="store_true",
+        help="skip the floor: anomalib's own PatchCore on the same Lite0 weights, by default fitted on the same shots "
+        "and scored on the same images in this run (needs the eval extra: pip install -e '.[export,eval]')",
     )
     p.add_argument(
         "--feedback", type=int, default=0, metavar="K",
@@ -57,7 +58,7 @@ def run(args) -> int:
     roots = dataset_roots(args.datasets)
     common = dict(
         options=options, engines_dir=args.engines_dir, backend=args.backend, threads=args.threads,
-        progress=show_progress(args), max_test=args.max_test, reference=not args.no_reference,
+        progress=show_progress(args), max_test=args.max_test, floor=not args.no_floor,
         feedback=args.feedback, feedback_evidence=args.feedback_evidence or REFIT_EVIDENCE,
     )
     if args.feedback < 0:
@@ -90,10 +91,10 @@ def run(args) -> int:
         ("good / defect images", f"{result['n_good']} / {result['n_defect']}"),
         ("calibration s", result["calibration_s"]),
     ]
-    if "reference" in result:
+    if "floor" in result:
         rows[2:2] = [
-            ("plain PatchCore image AUROC", result["reference"]["image_auroc"]),
-            ("plain PatchCore pixel AUROC", result["reference"]["pixel_auroc"]),
+            ("floor image AUROC (ratio)", f"{result['floor']['image_auroc']} ({_fmt(result['floor']['image_auroc_ratio'])})"),
+            ("floor pixel AUROC (ratio)", f"{result['floor']['pixel_auroc']} ({_fmt(result['floor']['pixel_auroc_ratio'])})"),
         ]
     print(f"{result['dataset']}  ({args.shots} shots)")
     for name, value in rows:
@@ -116,10 +117,11 @@ def _print_summary(result: dict) -> int:
     for run in result["runs"]:
         print(f"  shot set {run['shot_set']} ({', '.join(run['shot_images'])}): image AUROC {run['image_auroc']}, "
               f"F1 {run['f1']}, false rejects {run['false_reject_rate']}")
-    if "reference" in result:
-        ref = result["reference"]
-        print(f"  {'plain PatchCore image AUROC':28s} {ref['image_auroc']:.4f}")
-        print(f"  {'plain PatchCore pixel AUROC':28s} {_fmt(ref['pixel_auroc'])}")
+    if "floor" in result:
+        ref = result["floor"]
+        print(f"  {'floor image AUROC (ratio)':28s} {ref['image_auroc']:.4f} ({_fmt(ref['image_auroc_ratio'])})")
+        print(f"  {'floor pixel AUROC (ratio)':28s} {_fmt(ref['pixel_auroc'])} ({_fmt(ref['pixel_auroc_ratio'])})")
+        print(f"  floor: {ref['name']}")
     print(f"  {'good / defect images':28s} {result['n_good']} / {result['n_defect']}")
     return 0
 
@@ -138,26 +140,29 @@ COLUMNS = (
 
 
 def _print_table(result: dict) -> None:
-    """One row per set: the scorer beside the plain PatchCore floor (ratio scorer / floor), then the mean."""
+    """One row per set: the scorer beside anomalib's PatchCore floor (ratio scorer / floor), then the mean."""
     rows = []
     for r in result["datasets"]:
         rows.append((str(r["dataset"]).rstrip("/").rsplit("/", 1)[-1], r))
     rows.append(("MEAN", result["mean"]))
     name_w = max(len(n) for n, _ in rows)
-    has_ref = "reference" in result["mean"]
-    head = f"{'set':{name_w}s}  " + ("img AUROC  floor  ratio  px AUROC  floor  " if has_ref else "img AUROC  px AUROC  ")
+    has_ref = "floor" in result["mean"]
+    head = f"{'set':{name_w}s}  " + ("img AUROC  floor  ratio  px AUROC  floor  ratio  " if has_ref else "img AUROC  px AUROC  ")
     head += "  ".join(f"{label:>10s}" for label, _, _ in COLUMNS[2:])
-    print(f"{result['shots']} shots, {result['shot_sets']} shot set(s) per dataset; floor = plain PatchCore in this run")
+    floor = f"; floor = {result['mean']['floor']['name']}, same shots and images, this run" if has_ref else ""
+    print(f"{result['shots']} shots, {result['shot_sets']} shot set(s) per dataset{floor}")
     print(head)
     for name, r in rows:
         line = f"{name:{name_w}s}  {_fmt(r['image_auroc']):>9s}  "
         if has_ref:
-            ref = r["reference"]
-            ratio = r["image_auroc"] / ref["image_auroc"] if r["image_auroc"] and ref["image_auroc"] else None
-            line += f"{_fmt(ref['image_auroc']):>5s}  {_fmt(ratio):>5s}  {_fmt(r['pixel_auroc']):>8s}  {_fmt(ref['pixel_auroc']):>5s}  "
+            ref = r["floor"]
+            line += (f"{_fmt(ref['image_auroc']):>5s}  {_fmt(ref['image_auroc_ratio']):>5s}  {_fmt(r['pixel_auroc']):>8s}  "
+                     f"{_fmt(ref['pixel_auroc']):>5s}  {_fmt(ref['pixel_auroc_ratio']):>5s}  ")
         else:
             line += f"{_fmt(r['pixel_auroc']):>8s}  "
         line += "  ".join(f"{_fmt(r.get(key), pct):>10s}" for _, key, pct in COLUMNS[2:])
         print(line)
     if has_ref:
-        print(f"sets at or above the floor (image AUROC): {result['mean']['sets_at_or_above_reference']} of {len(result['datasets'])}")
+        m = result["mean"]
+        print(f"sets at or above the floor: image AUROC {m['sets_at_or_above_floor']} of {len(result['datasets'])}, "
+              f"pixel AUROC {m['sets_at_or_above_floor_pixel']} of {m['sets_with_masks']} with masks")

@@ -1,8 +1,9 @@
 """anomalib's own PatchCore on the project's EfficientNet-Lite0 weights: a floor the project did not write.
 
 `evaluate` reports it beside the scorer, fitted on the same shots and scoring the same images, so a
-scorer change is also measured against a PatchCore whose code is not ours (the plain floor in
-plain_patchcore.py is ours, and shares the scorer's feature graph).
+scorer change is measured against a PatchCore whose code is not ours. (The project's own plain floor it
+replaced shared the scorer's feature graph, and with it a border choice that cost 0.1 image AUROC
+without showing: issue 21.)
 
 What runs is anomalib 2.7.0's code (`anomalib.models.image.patchcore.torch_model.PatchcoreModel`, no
 Lightning trainer): its TimmFeatureExtractor on timm's `tf_efficientnet_lite0`, its 3x3 AvgPool2d feature

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..calibration.artifacts import ensure_backbone, load_folded
+from ..calibration.artifacts import ensure_backbone
 from ..calibration.calibrate import REFIT_EVIDENCE, calibrate_product, refit_product
 from ..calibration.fit import CalibrationOptions
 from ..calibration.store import GoodImage, product_lock
@@ -26,7 +26,8 @@ from ..localize import find_regions, grid_cells_touched
 from ..scorer.product import Scorer, load_product
 from .datasets.mvtec import load_dataset, read_mask
 from .metrics import auroc, best_f1, binary_counts, f1_score
-from .plain_patchcore import PlainPatchCore
+from .anomalib_floor import NAME as FLOOR_NAME
+from .anomalib_floor import AnomalibPatchCore
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,14 @@ def evaluate_dataset(
     max_test: int | None = None,
     work_dir: str | Path | None = None,
     shot_set: int = 0,
-    reference: bool = True,
+    floor: bool = True,
     feedback: int = 0,
     feedback_evidence: str = REFIT_EVIDENCE,
 ) -> dict[str, Any]:
     """Calibrate on shot set `shot_set` (train/good images shot_set*N .. shot_set*N+N-1, in name order)
-    and score every other train/good image plus test/*. With `reference`, the plain PatchCore floor
-    (offline/plain_patchcore.py) is fitted on the same shots and scores the same images, so the result
-    carries its AUROCs beside the scorer's (`reference`).
+    and score every other train/good image plus test/*. With `floor`, anomalib's own PatchCore on the same
+    weights (offline/anomalib_floor.py: code this project did not write) is fitted on the same shots and
+    scores the same images, so the result carries its AUROCs and the ratio beside the scorer's (`floor`).
 
     feedback K: then an operator overrules the first K false rejects of the test stream (shuffled with
     the shot set as seed), each a refit as on the line (scorer/calibrate.refit_product); the result's
@@ -87,8 +88,8 @@ def evaluate_dataset(
         calibration_s = time.perf_counter() - started
         scorer = Scorer(product, backend=backend, threads=threads)
         plain = None
-        if reference:
-            plain = PlainPatchCore(load_folded(engines)[0], threads)
+        if floor:
+            plain = AnomalibPatchCore(threads)
             plain.fit([crop_roi(read_bgr(p), product.roi) for p in shots_paths])
         labels, scores, latencies = [], [], []
         pixel_scores, pixel_labels = [], []
@@ -175,12 +176,20 @@ def evaluate_dataset(
     if feedback_result is not None:
         result["feedback"] = feedback_result
     if plain is not None:
-        result["reference"] = {
-            "name": "plain PatchCore (Lite0 block4+block10, full bank, max, sigma 4)",
+        result["floor"] = _with_ratios(result, {
+            "name": FLOOR_NAME,
             "image_auroc": round(auroc(labels_a, np.array(ref_scores)), 4),
             "pixel_auroc": _pixel_auroc(pixel_labels, ref_pixel_scores),
-        }
+        })
     return result
+
+
+def _with_ratios(result: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """The floor's block with the scorer / floor ratios of image and pixel AUROC."""
+    for key in FLOOR_KEYS:
+        mine, theirs = result.get(key), floor.get(key)
+        floor[f"{key}_ratio"] = round(mine / theirs, 4) if mine is not None and theirs else None
+    return floor
 
 
 def _rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
@@ -283,7 +292,7 @@ SUMMARISED = (
     "image_auroc", "pixel_auroc", "f1", "false_reject_rate", "miss_rate", "detection_accuracy", "localisation_accuracy",
     "best_f1", "threshold", "calibration_s",
 )
-REFERENCE_KEYS = ("image_auroc", "pixel_auroc")
+FLOOR_KEYS = ("image_auroc", "pixel_auroc")
 
 
 def evaluate_shot_sets(root: str | Path, shots: int, sets: int, **kwargs) -> dict[str, Any]:
@@ -305,11 +314,12 @@ def evaluate_shot_sets(root: str | Path, shots: int, sets: int, **kwargs) -> dic
         summary[key] = round(float(np.mean(values)), 5) if values else None
         summary[f"{key}_min"] = min(values) if values else None
         summary[f"{key}_max"] = max(values) if values else None
-    if all("reference" in r for r in runs):
-        summary["reference"] = {"name": runs[0]["reference"]["name"]}
-        for key in REFERENCE_KEYS:
-            values = [r["reference"][key] for r in runs if r["reference"][key] is not None]
-            summary["reference"][key] = round(float(np.mean(values)), 5) if values else None
+    if all("floor" in r for r in runs):
+        summary["floor"] = {"name": runs[0]["floor"]["name"]}
+        for key in FLOOR_KEYS:
+            values = [r["floor"][key] for r in runs if r["floor"][key] is not None]
+            summary["floor"][key] = round(float(np.mean(values)), 5) if values else None
+        _with_ratios(summary, summary["floor"])
     if all("feedback" in r for r in runs):
         summary["feedback"] = merge_feedback([r["feedback"] for r in runs])
     summary["p50_ms"] = max(r["p50_ms"] for r in runs)
@@ -344,7 +354,7 @@ MEAN_KEYS = ("image_auroc", "pixel_auroc", "f1", "false_reject_rate", "miss_rate
 
 
 def evaluate_many(roots: list[Path], shots: int, sets: int, **kwargs) -> dict[str, Any]:
-    """One result per set (as evaluate_shot_sets) and their mean, the reference's mean beside it.
+    """One result per set (as evaluate_shot_sets) and their mean, the floor's mean beside it.
 
     A mean skips sets where a metric does not exist (no masks: no pixel AUROC), and says how many it
     averaged."""
@@ -354,12 +364,16 @@ def evaluate_many(roots: list[Path], shots: int, sets: int, **kwargs) -> dict[st
         values = [r[key] for r in results if r.get(key) is not None]
         mean[key] = round(float(np.mean(values)), 4) if values else None
         mean[f"{key}_sets"] = len(values)
-    if all("reference" in r for r in results):
-        mean["reference"] = {}
-        for key in REFERENCE_KEYS:
-            values = [r["reference"][key] for r in results if r["reference"][key] is not None]
-            mean["reference"][key] = round(float(np.mean(values)), 4) if values else None
-        mean["sets_at_or_above_reference"] = sum(r["image_auroc"] >= r["reference"]["image_auroc"] for r in results)
+    if all("floor" in r for r in results):
+        mean["floor"] = {"name": results[0]["floor"]["name"]}
+        for key in FLOOR_KEYS:
+            values = [r["floor"][key] for r in results if r["floor"][key] is not None]
+            mean["floor"][key] = round(float(np.mean(values)), 4) if values else None
+        _with_ratios(mean, mean["floor"])
+        mean["sets_at_or_above_floor"] = sum(r["image_auroc"] >= r["floor"]["image_auroc"] for r in results)
+        with_masks = [r for r in results if r["pixel_auroc"] is not None and r["floor"]["pixel_auroc"] is not None]
+        mean["sets_at_or_above_floor_pixel"] = sum(r["pixel_auroc"] >= r["floor"]["pixel_auroc"] for r in with_masks)
+        mean["sets_with_masks"] = len(with_masks)
     if all("feedback" in r for r in results):
         mean["feedback"] = merge_feedback([r["feedback"] for r in results])
     return {"shots": shots, "shot_sets": sets, "datasets": results, "mean": mean}
