@@ -34,7 +34,7 @@ mqtt mqtt.client mqtt.dispatch mqtt.request_queue mqtt.publisher mqtt.spool mqtt
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
 daemon.sdnotify daemon.drift
 feedback feedback.ledger feedback.defects feedback.apply feedback.service
-offline offline.evaluate offline.metrics offline.bench offline.bench_vlm offline.plain_patchcore
+offline offline.evaluate offline.metrics offline.bench offline.bench_vlm offline.anomalib_floor
 offline.datasets offline.datasets.mvtec offline.datasets.convert offline.datasets.generate
 ops ops.doctor ops.report ops.report.load ops.report.summary ops.report.plot ops.report.html
 ops.demo ops.demo.data ops.demo.stream ops.demo.run ops.demo_broker
