@@ -154,7 +154,7 @@ def test_feedback_simulation_overrules_false_rejects_and_reports_before_and_afte
         image = cv2.imread(str(path))
         image = np.roll((image * 0.6).astype(np.uint8), 9, axis=1)
         cv2.imwrite(str(path), image)
-    args = ["evaluate", str(shifted), "--shots", "3", "--engines-dir", str(engines_dir), "--size", "64", "--bank-size", "64",
+    args = ["evaluate", str(shifted), "--shots", "3", "--engines-dir", str(engines_dir), "--size", "64", "--bank-size", "256",
             "--no-reference", "--json"]
     assert cli.main([*args, "--feedback", "2"]) == 0
     result = _strict_json(capsys.readouterr().out.strip())

@@ -42,6 +42,7 @@ from ..scorer.manifest import MANIFEST_VERSION, migrate
 from ..scorer.params import ScorerParams
 from ..scorer.product import load_product
 from .artifacts import BACKBONE_FILE, ensure_graphs, load_folded, write_graphs
+from .choose import choose_views
 from .fit import MIN_IMAGES, CalibrationOptions, Fitted, fit_calibration
 from .store import (
     DEFAULT_KEEP,
@@ -53,7 +54,7 @@ from .store import (
     read_manifest,
     store_good_image,
 )
-from .views import stored_good_image
+from .views import AUTO, stored_good_image
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,12 @@ def calibrate_product(
         raise CalibrationError(f"product {product!r} already exists in {pdir}; use --force to recalibrate it")
     images = [stored_good_image(b, params.input_size) for b in load_good_images(paths, options.roi, params.input_size)]
     folded, backbone_sha = load_folded(engines_dir)
+    views = {"chosen": ",".join(options.augment) or "none", "rule": "given (--augment)"}
+    if options.augment == AUTO:
+        if on_step:
+            on_step("choose views")
+        augment, views = choose_views(images, folded, params, options.seed, threads)
+        options = dataclasses.replace(options, augment=augment)
     fitted = fit_calibration(images, folded, options, threads, progress, on_step, desc=f"calibrate {product}")
     if on_step:
         on_step("write calibration")
@@ -237,7 +244,8 @@ def calibrate_product(
             _retire_legacy(pdir)
         commit_version(
             calibration_dir, product,
-            lambda folder: write_version_files(folder, product, fitted, good, options, folded, backbone_sha, engines, pdir, images_meta),
+            lambda folder: {**write_version_files(folder, product, fitted, good, options, folded, backbone_sha, engines, pdir,
+                                                  images_meta), "views": views},
             {"change": "calibrate", "by": by, "why": why or f"calibrated from {len(paths)} good image(s)"},
             keep=keep, engines_dir=engines,
         )
@@ -295,8 +303,8 @@ def refit_product(
     pdir = product_dir(calibration_dir, product)
     return commit_version(
         calibration_dir, product,
-        lambda folder: write_version_files(folder, product, fitted, good, options, folded, backbone_sha, Path(engines_dir),
-                                           pdir, manifest.get("images")),
+        lambda folder: {**write_version_files(folder, product, fitted, good, options, folded, backbone_sha, Path(engines_dir),
+                                              pdir, manifest["images"]), "views": manifest.get("views")},
         change, keep=keep, engines_dir=engines_dir,
     )
 

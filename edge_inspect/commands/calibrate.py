@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
     add_dirs(p)
     p.add_argument("--roi", help="x,y,width,height crop applied to every image and frame of this product")
     p.add_argument("--size", type=int, default=256, help="square scorer input size in pixels, multiple of 32 (default 256)")
-    p.add_argument("--augment", default="none", help="none (default), or a comma list of jitter (small rotations), hflip, vflip, rot90, shift")
+    p.add_argument("--augment", default="default",
+                   help="views of the good parts in the bank: default (hflip,vflip: parts that may appear mirrored; use none where a mirror image is a defect), none, auto (chosen per product by synthetic defects, evidence in the manifest), or a comma list of jitter (small rotations), hflip, vflip, rot90, shift")
     add_threshold_options(p)
     p.add_argument("--bank-size", type=int, default=4096, help="max memory bank patches; more are thinned by the coreset (default 4096)")
     p.add_argument("--seed", type=int, default=0)
@@ -53,6 +54,7 @@ def run(args) -> int:
         "synthetic_detected": evidence.get("synthetic_detected"),
         "bank_patches": product.manifest["bank"]["patches"],
         "seconds": product.manifest["seconds"],
+        "views": product.manifest.get("views"),
     }
     if args.json:
         print(json.dumps(summary))
@@ -63,6 +65,12 @@ def run(args) -> int:
         if summary["synthetic_detected"] is not None:
             print(f"  synthetic flaws  {100 * summary['synthetic_detected']:.0f}% flagged at this threshold")
         print(f"  memory bank      {summary['bank_patches']} patches")
+        views = summary["views"] or {}
+        detail = ""
+        if views.get("candidates"):
+            detail = "  (chosen by synthetic defects: " + ", ".join(
+                f"{name} {c['separation']:.3f}" for name, c in views["candidates"].items()) + ")"
+        print(f"  views in bank    {views.get('chosen', '-')}{detail}")
         print(f"  calibration      {product.directory} (version {product.version})")
         print(f"  scorer graph     {product.scorer_onnx}")
     return 0

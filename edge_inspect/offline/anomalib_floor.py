@@ -7,7 +7,8 @@ without showing: issue 21.)
 
 What runs is anomalib 2.7.0's code (`anomalib.models.image.patchcore.torch_model.PatchcoreModel`, no
 Lightning trainer): its TimmFeatureExtractor on timm's `tf_efficientnet_lite0`, its 3x3 AvgPool2d feature
-pooler (torch's default: the zero padding counts at the border, unlike the scorer's count_include_pad=0),
+pooler (torch's default: the zero padding counts at the border; the scorer did not count it until this
+floor showed what that cost, and now does by default: ScorerParams.pool_count_pad),
 its bilinear merge of the stride-16 layer onto the stride-8 grid, its nearest-neighbour search, its image
 score (`compute_anomaly_score` with its default num_neighbors=9: the paper's reweighted max patch
 distance) and its anomaly map (`AnomalyMapGenerator`: nearest upsampling to the input, Gaussian sigma 4).
