@@ -144,7 +144,7 @@ def test_feedback_results_validate_for_applied_duplicate_and_error():
     applied = _validate(feedback_result_payload("t1", result_body(
         request, "applied", product="coin", camera="cam0", calibration_version=3, previous_version=2, threshold=2.0,
         labelled_defects=report), timestamp=1_750_000_000.0))
-    assert applied["type"] == "feedback_result" and applied["schema_version"] == "1.2"
+    assert applied["type"] == "feedback_result" and applied["schema_version"] == "1.3"
     assert applied["timestamp"] == "2025-06-15T15:06:40.000Z" and applied["labelled_defects"]["types"]["scratch"]["n"] == 2
     duplicate = _validate(feedback_result_payload("t1", result_body(request, "duplicate", calibration_version=3,
                                                                     previous_version=2, threshold=2.0)))
@@ -276,13 +276,13 @@ def station(tmp_path, calibrated_product):
 
 
 def _store(station, frame: np.ndarray, verdict: str = "NG", version: int | None = 1, camera: str = "cam0",
-           product: str = PRODUCT, score: float = 9.0) -> str:
+           product: str = PRODUCT, score: float = 9.0, threshold: float = 1.0) -> str:
     """One inspection in the evidence folder, as the daemon leaves it."""
     inspection = Inspection(
         inspection_id=new_inspection_id(), station=STATION, camera=camera, product=product, frame_id=1,
-        timestamp=time.time(), score=score, threshold=1.0, verdict=verdict, calibration_version=version,
+        timestamp=time.time(), score=score, threshold=threshold, verdict=verdict, calibration_version=version,
     )
-    store = EvidenceStore(EvidenceConfig(dir=str(station.evidence), min_free_mb=0), background=False)
+    store = EvidenceStore(EvidenceConfig(dir=str(station.evidence), min_free_mb=0, save_ok_sample_every=1), background=False)
     assert store.save(inspection, frame, anomaly_map=np.zeros((16, 16), np.float32)) is not None
     store.close()
     return inspection.inspection_id
@@ -641,3 +641,40 @@ def test_a_flood_of_feedback_is_rate_limited_and_bounded_while_scoring_goes_on(t
     assert layout.version_numbers(line["calibration_dir"], PRODUCT) == [1]
     seqs = sorted(r["seq"] for r in results(collector))
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+@pytest.mark.slow
+def test_ng_on_a_frame_the_line_taught_takes_it_out_of_the_bank_at_once(station):
+    """Learning from the line took an OK frame into the bank; the operator says ng: a new version without it
+    is committed (change "stream"), and the frame leaves the candidate store."""
+    from edge_inspect.calibration.stream import CandidateStore, StreamCadence, StreamLearner, StreamSettings
+
+    learner = StreamLearner(station.cal, station.engines, PRODUCT, StreamSettings(min_candidates=3, holdback=0.0, keep_fraction=1.0),
+                            StreamCadence(quiet_frames=0, max_position=1.0))
+    calibration = load_product(station.cal, PRODUCT, station.engines)
+    scorer = Scorer(calibration, backend="onnxruntime", threads=1)
+    ids = []
+    try:
+        for image in station.good + [cv2.flip(g, 1) for g in station.good]:
+            result = scorer.score(image, features=True)
+            inspection_id = _store(station, image, verdict="OK", score=float(result.score), threshold=calibration.threshold)
+            for _id, features, meta in learner.observe("cam0", calibration, inspection_id, result.score, result.flagged,
+                                                       result.patch_features):
+                learner.add_candidate(features, meta, calibration.params)
+                ids.append(_id)
+    finally:
+        scorer.close()
+    assert len(ids) >= 3
+    with store.product_lock(station.cal, PRODUCT):
+        taught = learner.refit(guards=False)
+    assert taught.committed
+    learned = layout.read_manifest(station.cal, PRODUCT, taught.version)["stream"]["inspection_ids"]
+    victim = learned[0]
+
+    body = _applier(station).apply(_parse(inspection_id=victim, verdict="ng", defect_type="scratch")).body
+    assert body["status"] == "applied" and body["calibration_version"] == taught.version + 1
+    last = store.history(station.cal, PRODUCT)[-1]
+    assert last["change"] == "stream" and f"operator ng on inspection {victim}" in last["why"]
+    now = layout.read_manifest(station.cal, PRODUCT, taught.version + 1)["stream"]["inspection_ids"]
+    assert victim not in now and now and set(now) <= set(ids) - {victim}  # (the refit guards drop what they drop)
+    assert victim not in [e["inspection_id"] for e in CandidateStore(station.cal, PRODUCT).entries()]

@@ -28,13 +28,13 @@ scorer.layout scorer.manifest scorer.product
 scorer.backends scorer.backends.base scorer.backends.ort_backend scorer.backends.trt_backend scorer.backends.trt_plan_cache
 scorer.backends.trt_compat scorer.backends.trt_build
 calibration calibration.fit calibration.views calibration.defects calibration.threshold calibration.artifacts
-calibration.store calibration.calibrate
+calibration.store calibration.calibrate calibration.stream calibration.choose
 vlm vlm.prompt vlm.knowledge vlm.schema vlm.runner vlm.sampling vlm.worker vlm.stage vlm.followup vlm.ask
 mqtt mqtt.client mqtt.dispatch mqtt.request_queue mqtt.publisher mqtt.spool mqtt.payloads mqtt.ask mqtt.feedback mqtt.listen
 daemon daemon.daemon daemon.pipeline daemon.flagged_queue daemon.reload daemon.health daemon.runtime_stats
-daemon.sdnotify daemon.drift
+daemon.sdnotify daemon.drift daemon.stream
 feedback feedback.ledger feedback.defects feedback.apply feedback.service
-offline offline.evaluate offline.metrics offline.bench offline.bench_vlm offline.anomalib_floor
+offline offline.evaluate offline.metrics offline.bench offline.bench_vlm offline.anomalib_floor offline.stream_eval
 offline.datasets offline.datasets.mvtec offline.datasets.convert offline.datasets.generate
 ops ops.doctor ops.report ops.report.load ops.report.summary ops.report.plot ops.report.html
 ops.demo ops.demo.data ops.demo.stream ops.demo.run ops.demo_broker

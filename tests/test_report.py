@@ -106,7 +106,10 @@ def make_run(folder: Path, frames: int = 48, with_evidence: bool = True, seed: i
     lines.insert(5, lines[3])  # a duplicate delivery (QoS 1)
     lines.append("not json at all")
     lines.append(json.dumps({"received": frames, "distinct": frames, "ok": True}))  # `listen --json` summary
-    lines.append(json.dumps(stats_payload("line1", {"frames": frames}, {"dropped": 0}, timestamp=START + 900)))
+    lines.append(json.dumps(stats_payload("line1", {"frames": frames, "stream": {
+        "enabled": True, "products": {"coin": {"stored": 57, "committed": 2, "not_committed": 1, "last_refit": {
+            "committed": True, "version": 4, "reason": "40 of 46 candidate frames joined the bank"}}}}},
+        {"dropped": 0}, timestamp=START + 900)))
     results = folder / "results.jsonl"
     results.write_text("\n".join(lines) + "\n")
     return folder / "evidence", results, flagged_ids
@@ -225,6 +228,7 @@ def test_html_is_well_formed_and_self_contained(recorded, tmp_path):
         assert f'id="i-{inspection_id}"' in text and f'href="#i-{inspection_id}"' in text
     assert "contamination" in text and "VLM queue full" in text and "cal-7f3a" in text
     assert "&lt;about 3 mm&gt; &amp; a &#x27;burr&#x27;" in text  # model text is escaped, never markup
+    assert "product coin: 57 candidate frames stored, 2 refits committed, 1 not; last refit: version 4" in text
     assert text.count("<tr class=") == 48
 
     limited = render_report(run, max_images=2, max_rows=10)

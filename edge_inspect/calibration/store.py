@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 DEFAULT_KEEP = 10
 MIN_KEEP = 2  # the active version and the one a rollback goes back to
-CHANGES = ("calibrate", "feedback_ok", "threshold_adapt", "rollback")
+CHANGES = ("calibrate", "feedback_ok", "threshold_adapt", "rollback", "stream")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--engines-dir", default="engines", help="where the backbone ONNX lives (default ./engines)")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--augment", default="none", help="as in calibrate (default none)")
+    p.add_argument("--augment", default="default", help="as in calibrate (default: hflip,vflip)")
     add_threshold_options(p)
     p.add_argument("--bank-size", type=int, default=4096)
     p.add_argument("--roi")
@@ -41,6 +41,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--feedback-evidence", choices=["all", "shots", "novel"], default=None,
                    help="refit policy (default: the daemon's): accepted frames give threshold evidence too (all), only join "
                    "the bank (shots), or only their novel patches join it (novel)")
+    p.add_argument(
+        "--stream", action="store_true",
+        help="learning from the line: calibrate on the shots, feed an unlabeled stream (the other train goods and a "
+        "share of defective test images, which leave the test) through the daemon's learning code, and report the "
+        "start, after the stream, the clean ceiling (every train good, no defect) and the floor on the test split",
+    )
+    p.add_argument("--contamination", type=float, default=0.1, metavar="SHARE",
+                   help="with --stream: share of defective frames in the stream (default 0.1)")
+    p.add_argument("--single-type", action="store_true",
+                   help="with --stream: the defective frames are all of the set's most frequent defect type (a recurring fault)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", action="store_true")
     p.set_defaults(func=run)
@@ -63,6 +73,12 @@ def run(args) -> int:
     )
     if args.feedback < 0:
         raise UserError("--feedback K: K is the number of false rejects the operator overrules (0 = none)")
+    if args.stream:
+        if args.feedback:
+            raise UserError("--stream and --feedback are separate experiments: run them one at a time")
+        return _run_stream(args, roots, options)
+    if args.contamination != 0.1 or args.single_type:
+        raise UserError("--contamination and --single-type go with --stream")
     if len(roots) > 1:
         result = evaluate_many(roots, args.shots, args.shot_sets, **common)
         if args.json:
@@ -100,6 +116,34 @@ def run(args) -> int:
     for name, value in rows:
         print(f"  {name:28s} {value}")
     print("  flagged per type: " + ", ".join(f"{t} {v['flagged']:.2f} (n={v['n']})" for t, v in result["per_type"].items()))
+    return 0
+
+
+def _run_stream(args, roots, options) -> int:
+    from ..offline.stream_eval import evaluate_stream_many
+    from ._common import show_progress
+
+    result = evaluate_stream_many(roots, args.shots, args.shot_sets, contamination=args.contamination, single_type=args.single_type,
+                                  options=options, engines_dir=args.engines_dir, backend=args.backend, threads=args.threads,
+                                  progress=show_progress(args), floor=not args.no_floor)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    kind = f"{args.contamination:.0%} defective" + (" (one recurring type)" if args.single_type else "")
+    print(f"learning from the line: {args.shots} shots, then a stream of the other train goods with {kind} frames; "
+          f"{args.shot_sets} shot set(s); test split without the stream's defects")
+    head = (f"{'set':12s}  {'image AUROC: start':>18s} {'after':>6s} {'ceil.':>6s} {'floor':>6s}   "
+            f"{'F1 start':>8s} {'after':>6s}   {'false rej.':>10s} {'after':>6s}   {'miss':>6s} {'after':>6s}   defects taken")
+    print(head)
+    for r in [*result["datasets"], result["mean"]]:
+        name = "MEAN" if r is result["mean"] else str(r["dataset"]).rstrip("/").rsplit("/", 1)[-1]
+        s, a = r["start"], r["after"]
+        c, f = r.get("ceiling", {}), r.get("floor", {})
+        taken = f"{r['defects_as_candidates']}/{r['defects']}" if "defects" in r else ""
+        print(f"{name:12s}  {_fmt(s['image_auroc']):>18s} {_fmt(a['image_auroc']):>6s} {_fmt(c.get('image_auroc')):>6s} "
+              f"{_fmt(f.get('image_auroc')):>6s}   {_fmt(s['f1']):>8s} {_fmt(a['f1']):>6s}   "
+              f"{_fmt(s['false_reject_rate'], True):>10s} {_fmt(a['false_reject_rate'], True):>6s}   "
+              f"{_fmt(s['miss_rate'], True):>6s} {_fmt(a['miss_rate'], True):>6s}   {taken}")
     return 0
 
 

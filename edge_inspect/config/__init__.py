@@ -39,6 +39,7 @@ from .evidence import EvidenceConfig
 from .feedback import FeedbackConfig
 from .mqtt import MqttConfig, SpoolConfig
 from .scoring import ScoringConfig
+from .stream import StreamConfig
 from .threshold import ThresholdConfig
 from .vlm import VlmConfig
 
@@ -58,6 +59,7 @@ __all__ = [
     "RoiConfig",
     "ScoringConfig",
     "SpoolConfig",
+    "StreamConfig",
     "ThresholdConfig",
     "TriggerConfig",
     "UrlSourceConfig",
@@ -100,6 +102,11 @@ class AppConfig(Section):
     feedback: FeedbackConfig = Field(
         default_factory=FeedbackConfig,
         description="Operator feedback (ok / ng for an inspection): refits on overruled false rejects, labelled defects.",
+    )
+    stream: StreamConfig = Field(
+        default_factory=StreamConfig,
+        description="Learning from the line: each product's bank and threshold grow from its own OK frames, guarded, "
+        "checked and versioned.",
     )
 
     @model_validator(mode="before")

@@ -36,6 +36,7 @@ from ..mqtt.publisher import ResultPublisher
 from ..vlm import VlmStage
 from ..vlm.ask import daemon_ask_service, error_body
 from .drift import DriftMonitor, keep_versions
+from .stream import StreamService
 from .flagged_queue import FlaggedQueue, FlaggedSink
 from .health import HealthMixin
 from .pipeline import CameraPipeline
@@ -73,6 +74,7 @@ class Daemon(ReloadMixin, HealthMixin):
         self.ask = None  # vlm.ask.AskService: follow-up questions on .../ask
         self.feedback = None  # feedback.service.FeedbackService: operator feedback on .../feedback
         self.drift: DriftMonitor | None = None  # per product: the OK scores against the calibration (drift.py)
+        self.stream: StreamService | None = None  # per product: learning from its OK frames (stream.py)
         self.evidence: EvidenceStore | None = None
         self.publisher = None
         self.pipelines: dict[str, CameraPipeline] = {}
@@ -134,12 +136,16 @@ class Daemon(ReloadMixin, HealthMixin):
         # threshold.adapt steps swap scorers on the monitor's own thread, like feedback does.
         self.drift = DriftMonitor(config.threshold, config.scoring.calibration_dir, swap=self.reload_product,
                                   keep=keep_versions(config))
+        # learning from the line: candidates and refits on its own thread; refits swap scorers like feedback does
+        self.stream = StreamService(config.stream, config.scoring.calibration_dir, config.scoring.engines_dir,
+                                    swap=self.reload_product, alarm=self.drift.alarm_on, keep=keep_versions(config))
+        self.stream.start()
         self.ask.start()
         with self._pipelines_lock:
             for camera in config.cameras:
                 pipeline = CameraPipeline(
                     config.station, camera, config.pipeline, scorers[camera.name], self.publisher, self.flagged,
-                    capture=captures[camera.name], evidence=self.evidence, drift=self.drift,
+                    capture=captures[camera.name], evidence=self.evidence, drift=self.drift, stream=self.stream,
                 )
                 self.pipelines[camera.name] = pipeline
                 pipeline.start()
@@ -231,6 +237,8 @@ class Daemon(ReloadMixin, HealthMixin):
             self._switch_thread.join(timeout=30.0)  # a switch loading a scorer finishes before the pipelines close
         if self.drift is not None:
             self.drift.stop(timeout=30.0)  # so does a threshold.adapt step
+        if self.stream is not None:
+            self.stream.stop(timeout=60.0)  # and a stream refit being committed
         drain = self.config.pipeline.drain_timeout_s
         deadline = time.monotonic() + drain
         self.notifier.stopping(status=f"stopping: draining in-flight inspections (at most {drain:g}s)")

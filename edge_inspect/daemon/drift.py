@@ -395,6 +395,12 @@ class DriftMonitor:
             windows = dict(self._windows)
         return {name: window.snapshot() for name, window in sorted(windows.items())}
 
+    def alarm_on(self, product: str) -> bool:
+        """Whether `product`'s drift alarm is on now (stream learning takes no frame while it is)."""
+        with self._lock:
+            window = self._windows.get(product)
+        return bool(window is not None and window.alarm)
+
     def alarms(self) -> list[tuple[str, dict[str, Any]]]:
         """(product, its stats block) of every product whose drift alarm is on."""
         return [(name, snap) for name, snap in self.snapshot().items() if snap["alarm"]]

@@ -50,6 +50,9 @@ class HealthMixin:
         drift = getattr(self, "drift", None)
         if drift is not None:
             stats["drift"] = drift.snapshot()  # per product: the OK-score window against the calibration
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            stats["stream"] = stream.snapshot()  # per product: candidates, refits, the last outcome
         return stats
 
     def _publish_stats(self) -> None:

@@ -56,6 +56,7 @@ class CameraPipeline:
         stats: CameraStats | None = None,
         evidence: EvidenceStore | None = None,
         drift=None,
+        stream=None,
     ):
         self.station = station
         self.config = config
@@ -64,6 +65,7 @@ class CameraPipeline:
         self.flagged = flagged
         self.evidence = evidence
         self.drift = drift  # daemon.drift.DriftMonitor: the product's OK-score window (never raises)
+        self.stream = stream  # daemon.stream.StreamService: learning from the OK frames (never raises)
         self.capture = capture or Capture(config.name, config.source, config.reconnect)
         self.trigger = trigger or create_trigger(config.trigger)
         if isinstance(self.trigger, MqttTrigger):
@@ -265,7 +267,7 @@ class CameraPipeline:
         latency["preprocess"] = (time.monotonic() - mark) * 1000.0
 
         mark = time.monotonic()
-        result = scorer.score(view)
+        result = scorer.score(view, features=self.stream is not None and self.stream.wants(product.name))
         latency["score"] = (time.monotonic() - mark) * 1000.0
 
         regions: tuple[Region, ...] = ()
@@ -308,6 +310,8 @@ class CameraPipeline:
         self.stats.record(latency, inspection.score, result.flagged)
         if self.drift is not None:
             self.drift.observe(product, inspection.score, result.flagged)
+        if self.stream is not None:
+            self.stream.observe(self.name, product, inspection.inspection_id, result)
         log.debug(
             "inspection %s %s frame %d score %.4f %s total %.1f ms",
             inspection.inspection_id, self.name, frame.frame_id, inspection.score, inspection.verdict,

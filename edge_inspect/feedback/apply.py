@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from ..calibration.calibrate import refit_product
 from ..calibration.store import GoodImage, product_lock
+from ..calibration.stream import CandidateStore, StreamLearner
 from ..capture.geometry import camera_view
 from ..capture.sources import SourceError
 from ..config.capture import CameraConfig
@@ -163,8 +164,8 @@ class FeedbackApplier:
             if request.verdict == "ok":
                 now, refitted = self._accept(request, stored, active, crop)
             else:
-                self._confirm(request, stored, crop)
-                now, refitted = active, False
+                refitted = self._confirm(request, stored, crop, active)
+                now = load_product(self.calibration_dir, product, self.engines_dir) if refitted else active
             report = self._defect_scorer.report(now, DefectStore(self.calibration_dir, product))
             if report is not None and refitted:
                 record_report(now.directory, report)
@@ -302,8 +303,10 @@ class FeedbackApplier:
             raise RuntimeError(f"refit wrote version {number} but version {now.version} is active")
         return now, True
 
-    def _confirm(self, request: FeedbackRequest, stored: StoredEvidence, crop) -> None:
-        """ng: the frame is kept as a labelled defect of the product (no new version)."""
+    def _confirm(self, request: FeedbackRequest, stored: StoredEvidence, crop, active: ProductCalibration) -> bool:
+        """ng: the frame is kept as a labelled defect of the product, and it never teaches the bank: it leaves
+        the stream candidates, and when the active version learned from it, a refit without it is committed
+        at once (True: a new version)."""
         body = stored.body
         DefectStore(self.calibration_dir, str(body["product"])).add(request.inspection_id, crop, {
             "defect_type": request.defect_type or UNSPECIFIED,
@@ -314,6 +317,14 @@ class FeedbackApplier:
             "calibration_version": body.get("calibration_version"),
             "received_utc": _iso(request.received_at or time.time()),
         })
+        product = str(body["product"])
+        CandidateStore(self.calibration_dir, product).remove(request.inspection_id)
+        learned_from = (active.manifest.get("stream") or {}).get("inspection_ids") or []  # only versions a refit wrote
+        if request.inspection_id not in learned_from:
+            return False
+        outcome = StreamLearner(self.calibration_dir, self.engines_dir, product, keep=self.config.keep_versions).refit(
+            why=f"operator ng on inspection {request.inspection_id}: its frame leaves the bank", check=False)
+        return outcome.committed
 
     def _recover(self, product: str, inspection_id: str, ledger: FeedbackLedger) -> dict[str, Any] | None:
         """Feedback whose ledger line a crash lost: a kept version made from it, or its labelled defect.

@@ -158,5 +158,10 @@ def daemon_feedback_service(daemon: Any) -> FeedbackService:
             camera=lambda name: next((c for c in daemon.config.cameras if c.name == name), None),
             running_product=daemon.running_product, flush=daemon.evidence.flush,
         )
+    def on_refit(product: str) -> None:
+        daemon.reload_product(product)
+        if daemon.stream is not None:  # an ok refit fits the good set alone: the stream's learning comes back soon
+            daemon.stream.request_refit(product)
+
     return FeedbackService(config.feedback, applier, daemon.publisher.publish_feedback_result,
-                           on_refit=daemon.reload_product, unavailable=reason)
+                           on_refit=on_refit, unavailable=reason)

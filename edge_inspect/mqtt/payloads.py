@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from .. import records
 
 # Major changes break subscribers (a field renamed or removed); minor ones only add optional fields.
-SCHEMA_VERSION = "1.2"  # 1.1: optional final_verdict / decided_by in result updates; 1.2: calibration_version, feedback
+SCHEMA_VERSION = "1.3"  # 1.1: optional final_verdict / decided_by in result updates; 1.2: calibration_version, feedback; 1.3: stats pipeline.stream, mqtt.commands_subscribed
 SCHEMA_NAMES = ("result", "result_update", "stats", "trigger", "product_set", "ask", "answer",  # ask/answer: mqtt/ask.py
                 "feedback", "feedback_result")  # mqtt/feedback.py
 

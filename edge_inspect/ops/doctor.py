@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
+from ..calibration.store import history
+from ..calibration.stream import CandidateStore
 from ..capture.sources import EndOfStream, SourceError, create_source
 from ..config import load_config
 from ..errors import UserError
@@ -266,6 +268,7 @@ def check_calibrations(ctx: DoctorContext) -> Iterator[CheckResult]:
             yield skip(f"engine {product}", "needs a valid calibration")
         else:
             yield _check_engine(calibration, scoring)
+            yield _check_stream(calibration, ctx.config.stream, scoring.calibration_dir)
 
 
 def _check_calibration(product: str, scoring: Any) -> Iterator[Any]:
@@ -282,6 +285,29 @@ def _check_calibration(product: str, scoring: Any) -> Iterator[Any]:
     yield ok(name, f"threshold {calibration.threshold:.4g}, input {width}x{height}, calibration "
                    f"{calibration.calibration_id}" + (f", calibrated {created}" if created else ""))
     yield calibration
+
+
+def _check_stream(calibration: Any, stream: Any, calibration_dir: Any) -> CheckResult:
+    """Learning from the line: on or off for this product, what it has learned, what it holds on disk."""
+    name = f"stream {calibration.name}"
+    if not stream.learns(calibration.name):
+        return ok(name, "learning from the line is off for this product (stream.enabled / stream.products)")
+    if calibration.bank_capacity is None:
+        return warn(name, "learning from the line is on, but this product's scorer graph holds its bank (calibrated before "
+                          "the bank was a graph input): it learns nothing",
+                    f"recalibrate once: edge-inspect calibrate --product {calibration.name} --images DIR --force")
+    store = CandidateStore(calibration_dir, calibration.name, stream.max_frames)
+    entries = store.entries()
+    learned = (calibration.manifest.get("stream") or {}).get("frames_used")
+    try:
+        kept = history(calibration_dir, calibration.name)
+    except UserError:  # calibrated before versions: no history
+        kept = []
+    versions = [h for h in kept if h.get("change") == "stream"]
+    return ok(name, f"learning from the line: {len(entries)} candidate frame(s) on disk ({store.disk_bytes() / 2**20:.1f} MB of "
+                    f"at most ~{stream.max_frames * 0.3:.0f} MB), {len(versions)} stream version(s) kept"
+                    + (f"; the active version learned from {learned} frame(s)" if learned else "")
+                    + f"; refit every {stream.refit_every} candidates or {stream.refit_minutes:g} min")
 
 
 def _check_engine(calibration: Any, scoring: Any) -> CheckResult:

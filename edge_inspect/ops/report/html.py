@@ -309,9 +309,26 @@ def _notes(run: RunData, summary: dict[str, Any]) -> list[str]:
         mqtt = run.stats["mqtt"]
         if mqtt.get("dropped"):
             notes.append(f"The publisher reported {_plural(mqtt['dropped'], 'dropped result')} (spool full).")
+    notes += _stream_notes(run.stats)
     if not notes:
         return []
     return ['<ul class="notes">'] + [f"<li>{_e(n)}</li>" for n in notes] + ["</ul>"]
+
+
+def _stream_notes(stats: dict[str, Any] | None) -> list[str]:
+    """Learning from the line, per product, as the last stats payload of the run saw it."""
+    block = ((stats or {}).get("pipeline") or {}).get("stream")
+    if not isinstance(block, dict) or not block.get("products"):
+        return []
+    notes = []
+    for product, state in sorted(block["products"].items()):
+        last = state.get("last_refit") or {}
+        text = (f"Learning from the line, product {product}: {state.get('stored', 0)} candidate frames stored, "
+                f"{state.get('committed', 0)} refits committed, {state.get('not_committed', 0)} not")
+        if last:
+            text += f"; last refit: {'version ' + str(last.get('version')) if last.get('committed') else 'not committed'} ({last.get('reason')})"
+        notes.append(text + ".")
+    return notes
 
 
 def _stage_table(rows: list[ResultRow]) -> list[str]:
