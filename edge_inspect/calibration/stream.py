@@ -58,7 +58,7 @@ from ..scorer.params import ScorerParams
 from .artifacts import load_folded
 from .fit import feature_transform
 from .store import commit_version, copy_version_files, load_good_set
-from .threshold import gumbel_fit, gumbel_quantile
+from .threshold import robust_spread, tail_threshold
 from .views import augmented
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,6 @@ class StreamSettings:
 def image_scores(patch_dist: np.ndarray, params: ScorerParams) -> float:
     """The scorer's image score of one frame from its [h, w] patch distances."""
     return image_score(anomaly_map_from_distances(patch_dist, params), params)
-
-
-def robust_spread(values: np.ndarray) -> float:
-    x = np.asarray(values, np.float64)
-    med = float(np.median(x))
-    return max(1.4826 * float(np.median(np.abs(x - med))), 0.05 * abs(med), 1e-12)
 
 
 def mutual_scores(frames: Sequence[np.ndarray], trusted: np.ndarray, grid: tuple[int, int], params: ScorerParams,
@@ -183,13 +177,11 @@ def stream_threshold(trusted_loo: np.ndarray, stream_loo: np.ndarray, rate: floa
     the trusted images' own (an unlabeled frame cannot raise the floor by itself)."""
     trusted = np.asarray(trusted_loo, np.float64)
     good = np.concatenate([trusted, np.asarray(stream_loo, np.float64)])
-    mu, beta = gumbel_fit(good)
-    quantile = gumbel_quantile(mu, beta, 1.0 - rate)
-    threshold = max(quantile, float(trusted.max()))
-    return float(threshold), {
+    threshold, gumbel = tail_threshold(good, float(trusted.max()), rate)
+    return threshold, {
         "rule": "max(max(trusted loo), Gumbel(trusted + stream loo) quantile at 1 - false_reject_rate)",
         "false_reject_rate": rate,
-        "gumbel": {"mu": round(mu, 6), "beta": round(beta, 6), "quantile": round(quantile, 6), "samples": int(good.size)},
+        "gumbel": gumbel,
         "trusted_loo_scores": [round(float(s), 5) for s in trusted],
         "loo_scores": [round(float(s), 5) for s in good],
         "loo_max": round(float(good.max()), 5),

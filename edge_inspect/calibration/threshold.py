@@ -69,6 +69,15 @@ def gumbel_quantile(mu: float, beta: float, p: float) -> float:
     return mu - beta * math.log(-math.log(p))
 
 
+def tail_threshold(good: np.ndarray, floor: float, false_reject_rate: float) -> tuple[float, dict[str, Any]]:
+    """The (1 - rate) quantile of a Gumbel tail fitted to good scores, never below `floor` (the highest
+    score a trusted good part was seen to reach); and the fit, for the evidence."""
+    mu, beta = gumbel_fit(good)
+    quantile = gumbel_quantile(mu, beta, 1.0 - false_reject_rate)
+    return float(max(quantile, floor)), {"mu": round(mu, 6), "beta": round(beta, 6), "quantile": round(quantile, 6),
+                                         "samples": int(np.asarray(good).size)}
+
+
 def automatic_threshold(
     loo_scores: np.ndarray,
     synthetic_scores: np.ndarray,
@@ -86,13 +95,11 @@ def automatic_threshold(
     if loo.size == 0:
         raise ValueError("no leave-one-out scores: calibration needs at least two good images")
     good = np.concatenate([loo, views])
-    mu, beta = gumbel_fit(good)
-    quantile = gumbel_quantile(mu, beta, 1.0 - false_reject_rate)
-    threshold = max(quantile, float(loo.max()))
+    threshold, gumbel = tail_threshold(good, float(loo.max()), false_reject_rate)
     evidence: dict[str, Any] = {
         "rule": "max(max(loo), Gumbel(loo + views) quantile at 1 - false_reject_rate)",
         "false_reject_rate": false_reject_rate,
-        "gumbel": {"mu": round(mu, 6), "beta": round(beta, 6), "quantile": round(quantile, 6), "samples": int(good.size)},
+        "gumbel": gumbel,
         "loo_scores": [round(float(s), 5) for s in loo],
         "view_scores": [round(float(s), 5) for s in views],
         "loo_max": round(float(loo.max()), 5),
