@@ -116,3 +116,37 @@ def test_random_projection_roughly_keeps_distances():
     d_after = np.linalg.norm((x[:20] - x[20:]) @ proj.T, axis=1)
     ratio = d_after / d_before
     assert 0.8 < ratio.min() and ratio.max() < 1.2
+
+
+def test_nearest_distances_keeps_its_temporary_small_against_a_large_reference():
+    """A stream refit scores thousands of patches against tens of thousands: the [chunk, M] product must stay
+    bounded (it took 1.8 GB of RSS in bench_daemon --stream before), with the same distances."""
+    import tracemalloc
+
+    from edge_inspect.scorer.memory_bank import CHUNK_BYTES
+
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(5000, 8)).astype(np.float32)
+    bank = rng.normal(size=(20000, 8)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        got = nearest_distances(queries, bank)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < CHUNK_BYTES + 16 * 2**20, f"peak {peak / 2**20:.0f} MB"
+    small = queries[:50]
+    exact = np.sqrt(((small[:, None, :] - bank[None, :, :]) ** 2).sum(-1).min(1))
+    np.testing.assert_allclose(got[:50], exact, rtol=1e-4, atol=1e-4)
+
+
+def test_the_daemon_keeps_numpy_blas_to_one_thread():
+    from threadpoolctl import threadpool_info
+
+    from edge_inspect.daemon.daemon import limit_background_blas
+
+    limits = limit_background_blas()
+    try:
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+    finally:
+        limits.restore_original_limits()

@@ -517,6 +517,7 @@ class StreamLearner:
         self._clock = clock
         self._medians: dict[str, float | None] = {}
         self.new_candidates = 0
+        self._trusted: tuple[str, list[np.ndarray]] | None = None  # (good set key, its patches): _trusted_patches
         self.last_refit = clock()
         self.counts = {"candidates": 0, "refits": 0, "committed": 0, "not_committed": 0, "frames_dropped": 0}
         self.last: RefitOutcome | None = None
@@ -586,15 +587,7 @@ class StreamLearner:
             return self._done(False, number, f"{len(loaded)} candidates, fewer than {self.settings.min_candidates}", {})
         held_count = int(round(self.settings.holdback * len(loaded))) if guards and check else 0
         fit_part, held_part = loaded[: len(loaded) - held_count], loaded[len(loaded) - held_count:]
-        folded, _ = load_folded(self.engines_dir)
-        extractor = FeatureExtractor(folded, dataclasses.replace(params, layer_scales=(), projection_dim=0), self.threads)
-        transform = feature_transform(params)
-        trusted = []  # each good image with its views in the bank (the calibration's --augment), as one frame
-        rng = np.random.default_rng(int(manifest["options"]["seed"]))
-        for good in load_good_set(self.calibration_dir, self.product, manifest):
-            views = [good.bgr] + augmented(good.bgr, manifest["options"]["augment"], rng)
-            trusted.append(np.concatenate([patches_of(transform(extractor(v)[0])) for v in views]))
-            checkpoint()
+        trusted = self._trusted_patches(manifest, params, checkpoint)
         grid = tuple(loaded[0][1].shape[1:])
         capacity = int(manifest["scorer_onnx"]["capacity"])
         held = [patches_of(f) for _, f in held_part]
@@ -624,6 +617,27 @@ class StreamLearner:
                                  {"change": CHANGE, "by": "stream", "why": text, "frames_used": len(fit.used)},
                                  keep=self.keep, engines_dir=self.engines_dir)
         return self._done(True, version, text, numbers)
+
+    def _trusted_patches(self, manifest: dict[str, Any], params: ScorerParams, checkpoint: Callable[[], None]) -> list[np.ndarray]:
+        """Each trusted good image with its views in the bank (the calibration's --augment), as one frame of
+        patches. Kept between refits while the good set, views and params stay: a refit then loads no
+        feature graph (its session and arena were most of a refit's memory) and extracts nothing twice."""
+        key = json.dumps([manifest.get("good_set"), manifest["options"].get("augment"), manifest["options"].get("seed"),
+                          manifest["params"]], sort_keys=True, default=str)
+        if self._trusted is not None and self._trusted[0] == key:
+            return self._trusted[1]
+        self._trusted = None
+        folded, _ = load_folded(self.engines_dir)
+        extractor = FeatureExtractor(folded, dataclasses.replace(params, layer_scales=(), projection_dim=0), self.threads)
+        transform = feature_transform(params)
+        trusted = []
+        rng = np.random.default_rng(int(manifest["options"]["seed"]))
+        for good in load_good_set(self.calibration_dir, self.product, manifest):
+            views = [good.bgr] + augmented(good.bgr, manifest["options"]["augment"], rng)
+            trusted.append(np.concatenate([patches_of(transform(extractor(v)[0])) for v in views]))
+            checkpoint()
+        self._trusted = (key, trusted)
+        return trusted
 
     def _done(self, committed: bool, version: int | None, reason: str, numbers: dict[str, Any]) -> RefitOutcome:
         self.counts["committed" if committed else "not_committed"] += 1

@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ..capture.reader import Capture
 from ..config import AppConfig
@@ -50,6 +51,19 @@ _TICK_S = 0.25  # main loop period: signals, watchdog, stats
 _STATUS_EVERY_S = 2.0
 _HANG_LIMIT_S = 30.0  # a pipeline thread without progress this long is hung (without a systemd watchdog)
 
+
+
+def limit_background_blas() -> Any:
+    """numpy's BLAS pool to one thread in the daemon. The daemon's heavy numpy work (stream and feedback
+    refits) runs on niced background threads; BLAS worker threads are not niced, and at its default of one
+    per core they took both cores from the scorer (frame p99 90 ms during refits, bench_daemon --stream).
+    The scorer itself is ONNX Runtime with its own threads."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a dependency of the package; a broken install keeps BLAS's own pool
+        log.warning("threadpoolctl is not installed: refits may slow the scorer (pip install threadpoolctl)")
+        return None
+    return threadpool_limits(limits=1, user_api="blas")
 
 class Daemon(ReloadMixin, HealthMixin):
     """The `edge-inspect run` process. `run()` blocks until stopped and returns the exit code.
@@ -98,6 +112,7 @@ class Daemon(ReloadMixin, HealthMixin):
 
     def run(self) -> int:
         self._install_signals()
+        self._blas_limits = limit_background_blas()
         config = self.config
         log.info("edge-inspect daemon starting: station %s, %d camera(s)", config.station, len(config.cameras))
         scorers = {}

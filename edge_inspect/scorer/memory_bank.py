@@ -44,9 +44,14 @@ def greedy_coreset(patches: np.ndarray, size: int, seed: int = 0, projection_dim
     return chosen
 
 
+CHUNK_BYTES = 64 * 2**20  # the largest temporary of nearest_distances: queries x bank rows in float32
+
+
 def nearest_distances(queries: np.ndarray, bank: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Euclidean distance of each query row to its nearest bank row (matrix-product form, chunked)."""
+    """Euclidean distance of each query row to its nearest bank row (matrix-product form, chunked so the
+    [chunk, M] product stays under CHUNK_BYTES: a refit against a large reference must not cost a GB)."""
     bank = np.asarray(bank, dtype=np.float32)
+    chunk = max(1, min(chunk, CHUNK_BYTES // (4 * max(1, bank.shape[0]))))
     bank_t = np.ascontiguousarray(bank.T)
     bank_sq = np.einsum("ij,ij->i", bank, bank)
     out = np.empty(queries.shape[0], dtype=np.float32)
@@ -57,6 +62,7 @@ def nearest_distances(queries: np.ndarray, bank: np.ndarray, chunk: int = 4096) 
         cross += bank_sq[None, :]
         d2 = cross.min(axis=1) + np.einsum("ij,ij->i", q, q)
         out[start : start + chunk] = np.sqrt(np.maximum(d2, 0.0))
+        del cross  # before the next product is made, or two of them are alive at once
     return out
 
 
