@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_inspect.scorer.memory_bank import features_to_patches, greedy_coreset, nearest_distances, random_projection
+from edge_inspect.scorer.memory_bank import (
+    features_to_patches,
+    greedy_coreset,
+    greedy_coreset_of,
+    nearest_distances,
+    random_projection,
+    take_rows,
+)
 
 
 def _clustered(n_clusters: int, per_cluster: int, dim: int, seed: int) -> np.ndarray:
@@ -118,6 +125,19 @@ def test_random_projection_roughly_keeps_distances():
     assert 0.8 < ratio.min() and ratio.max() < 1.2
 
 
+def test_a_coreset_over_parts_is_the_coreset_of_their_kept_rows_stacked():
+    """A stream refit selects from frames without stacking them: the same rows must come out as from the stack."""
+    rng = np.random.default_rng(7)
+    parts = [rng.normal(size=(n, 160)).astype(dtype) for n, dtype in ((50, np.float32), (80, np.float16), (60, np.float16))]
+    eligible = [None, rng.random(80) < 0.7, np.zeros(60, bool)]
+    eligible[2][:5] = True
+    stacked = np.concatenate([p if m is None else p[m] for p, m in zip(parts, eligible)]).astype(np.float32)
+    chosen = greedy_coreset_of(parts, 40, seed=3, eligible=eligible)
+    np.testing.assert_array_equal(chosen, greedy_coreset(stacked, 40, seed=3))
+    np.testing.assert_array_equal(take_rows(parts, chosen, eligible), stacked[np.sort(chosen)])
+    np.testing.assert_array_equal(greedy_coreset_of(parts, 10_000, eligible=eligible), np.arange(stacked.shape[0]))
+
+
 def test_nearest_distances_keeps_its_temporary_small_against_a_large_reference():
     """A stream refit scores thousands of patches against tens of thousands: the [chunk, M] product must stay
     bounded (it took 1.8 GB of RSS in bench_daemon --stream before), with the same distances."""
@@ -150,3 +170,28 @@ def test_the_daemon_keeps_numpy_blas_to_one_thread():
         assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
     finally:
         limits.restore_original_limits()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_freed_heap_goes_back_to_the_system_after_a_refit():
+    """A refit's temporaries are heap chunks between live ones; glibc keeps such pages mapped, so the daemon's
+    RSS stayed at a refit's peak. release_free_heap (called after every refit) hands them back."""
+    import platform
+
+    from edge_inspect.feedback.service import release_free_heap
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's; elsewhere release_free_heap is a no-op")
+    temporaries, live = [], []
+    for _ in range(2000):  # 96 KB each (under the mmap threshold: on the heap), each followed by a live one
+        temporaries.append(np.ones(12_000))
+        live.append(np.ones(200))
+    del temporaries
+    held = _rss_mb()
+    assert release_free_heap()
+    assert held - _rss_mb() > 100, "freed pages stayed mapped"
+    assert len(live) == 2000

@@ -23,6 +23,7 @@ from edge_inspect.calibration.stream import (
     frame_guard,
     holdback_check,
     patch_guard,
+    patches_of,
     refit_from_stream,
 )
 from edge_inspect.scorer import layout
@@ -70,6 +71,29 @@ def test_a_refit_from_a_contaminated_stream_keeps_the_outlier_frames_out_of_the_
     assert fit.evidence["stream"]["frames_used"] == len(fit.used) == 18 - len(fit.dropped_frames)
 
 
+def test_a_refit_holds_no_float32_copy_of_its_candidates():
+    """The default store keeps 200 frames: a refit that stacked them in float32 (and copied that stack for the
+    coreset) took ~450 MB beside the scorer. The coreset's projection is the one array of the candidates' size
+    left (128 float32 columns against 152 float16 ones: 1.7x); everything else is a chunk at a time."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    grid, d = (16, 16), 152
+    params = ScorerParams(input_size=(128, 128), score_topk=0.0)
+    trusted = [rng.normal(0, 1, (256, d)).astype(np.float32) for _ in range(4)]
+    candidates = [rng.normal(0, 1, (256, d)).astype(np.float16) for _ in range(400)]
+    stored = sum(c.nbytes for c in candidates)
+    tracemalloc.start()
+    try:
+        fit = refit_from_stream(trusted, candidates, grid, params, capacity=256,
+                                settings=StreamSettings(reference_patches=2048), held=candidates[:4])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fit.bank.dtype == np.float32 and fit.bank.shape == (256, d)
+    assert peak < 3.0 * stored, f"peak {peak / 2**20:.0f} MB for {stored / 2**20:.0f} MB of stored candidates"
+
+
 def test_the_gate_takes_quiet_ok_frames_only():
     gate = StreamGate(quiet_frames=2, max_position=0.5)
     taken = []
@@ -95,7 +119,8 @@ def test_the_candidate_store_is_bounded_forgets_an_ng_and_starts_over_for_other_
     assert [e["inspection_id"] for e in entries] == ["id2", "id3", "id4"]
     assert len(list(candidates.folder.glob("*.npy"))) == 3
     loaded = candidates.load(entries)
-    assert loaded[0][1].dtype == np.float32 and float(loaded[0][1][0, 0, 0]) == 2.0
+    assert loaded[0][1].dtype == np.float16 and float(loaded[0][1][0, 0, 0]) == 2.0
+    assert patches_of(loaded[0][1]).dtype == np.float16  # float32 only a chunk at a time, in the maths
     assert candidates.remove("id3") == 1 and [e["inspection_id"] for e in candidates.entries()] == ["id2", "id4"]
     candidates.add(np.zeros((4, 2, 2), np.float32), {"inspection_id": "new"}, key="k2")  # a recalibration's features
     assert [e["inspection_id"] for e in candidates.entries()] == ["new"]

@@ -53,7 +53,7 @@ from ..scorer.layout import (
     version_dir,
 )
 from ..scorer.manifest import migrate
-from ..scorer.memory_bank import greedy_coreset, nearest_distances
+from ..scorer.memory_bank import greedy_coreset_of, nearest_distances, take_rows
 from ..scorer.params import ScorerParams
 from .artifacts import load_folded
 from .fit import feature_transform
@@ -107,10 +107,8 @@ def mutual_scores(frames: Sequence[np.ndarray], trusted: np.ndarray, grid: tuple
     dists: list[np.ndarray] = [np.empty(0)] * n
     for f in range(folds):
         inside = [i for i in range(n) if fold_of[i] == f]
-        others = np.concatenate([frames[i] for i in range(n) if fold_of[i] != f])
-        if others.shape[0] > reference_patches:
-            others = others[rng.choice(others.shape[0], reference_patches, replace=False)]
-        reference = np.concatenate([trusted, others])
+        outside = [i for i in range(n) if fold_of[i] != f]
+        reference = np.concatenate([trusted, _sample_rows([frames[i] for i in outside], reference_patches, rng)])
         queries = np.concatenate([frames[i] for i in inside])
         d = nearest_distances(queries, reference)
         start = 0
@@ -120,6 +118,15 @@ def mutual_scores(frames: Sequence[np.ndarray], trusted: np.ndarray, grid: tuple
             scores[i] = image_scores(dists[i].reshape(grid), params)
             start += count
     return scores, dists
+
+
+def _sample_rows(arrays: Sequence[np.ndarray], count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` rows drawn without replacement from the arrays stacked, without stacking them all first
+    (the other folds' patches are tens of MB; a daemon refit runs beside the scorer)."""
+    total = int(sum(a.shape[0] for a in arrays))
+    if total <= count:
+        return np.concatenate(arrays)
+    return take_rows(arrays, rng.choice(total, count, replace=False))
 
 
 def frame_guard(scores: np.ndarray, keep_fraction: float, spread_cut: float) -> np.ndarray:
@@ -230,19 +237,15 @@ def refit_from_stream(trusted: Sequence[np.ndarray], candidates: Sequence[np.nda
         scores = np.zeros(n)
         keep = np.ones(n, bool)
         patch_keep = [np.ones(c.shape[0], bool) for c in candidates]
-    frames = list(trusted) + [c for c in candidates]
-    pieces, owners = [], []
-    for i, patches in enumerate(trusted):
-        pieces.append(patches)
-        owners.append(np.full(patches.shape[0], i))
-    for j, (patches, mask) in enumerate(zip(candidates, patch_keep)):
-        if mask.any():
-            pieces.append(patches[mask])
-            owners.append(np.full(int(mask.sum()), len(trusted) + j))
-    union = np.ascontiguousarray(np.concatenate(pieces), np.float32)
-    owner_all = np.concatenate(owners)
-    chosen = np.sort(greedy_coreset(union, capacity, seed=settings.seed))
-    bank, owner = union[chosen], owner_all[chosen]
+    frames = list(trusted) + list(candidates)
+    eligible = [None] * len(trusted) + list(patch_keep)
+    owner_all = np.concatenate([np.full(patches.shape[0], i) for i, patches in enumerate(trusted)]
+                               + [np.full(int(mask.sum()), len(trusted) + j) for j, mask in enumerate(patch_keep)])
+    # The union of the kept patches is never stacked: the coreset projects frame by frame and the bank
+    # takes its rows from the frames (candidates stay float16 as stored).
+    chosen = np.sort(greedy_coreset_of(frames, capacity, seed=settings.seed, eligible=eligible))
+    bank, owner = take_rows(frames, chosen, eligible), owner_all[chosen]
+    union_rows = int(owner_all.size)
     checkpoint()
     kept_frames = list(range(len(trusted))) + [len(trusted) + j for j in range(n) if keep[j]]
     loo = leave_one_out_in_bank([frames[i] for i in kept_frames], bank, _reindex(owner, kept_frames), grid, params)
@@ -260,7 +263,7 @@ def refit_from_stream(trusted: Sequence[np.ndarray], candidates: Sequence[np.nda
         "stream": {
             "candidates": n, "frames_used": int(keep.sum()), "frames_dropped": len(dropped),
             "patches_dropped": patches_dropped, "trusted_images": len(trusted), "guards": guards,
-            "bank_from_patches": int(union.shape[0]), "capacity": int(capacity),
+            "bank_from_patches": union_rows, "capacity": int(capacity),
             "candidate_scores": [round(float(s), 5) for s in scores] if guards else [],
         },
     })
@@ -429,11 +432,12 @@ class CandidateStore:
         data["entries"] = []
 
     def load(self, entries: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], np.ndarray]]:
-        """(entry, features [D, h, w] float32) for the entries whose file is still there."""
+        """(entry, features [D, h, w] as stored: float16) for the entries whose file is still there. patches_of
+        makes the float32 rows; a float32 copy here too would be one more copy of every candidate in memory."""
         out = []
         for entry in entries:
             try:
-                out.append((entry, np.load(self.folder / entry["file"], allow_pickle=False).astype(np.float32)))
+                out.append((entry, np.load(self.folder / entry["file"], allow_pickle=False)))
             except (OSError, ValueError):
                 continue  # removed meanwhile (an operator's ng, the bound)
         return out
@@ -445,9 +449,10 @@ class CandidateStore:
 
 
 def patches_of(features: np.ndarray) -> np.ndarray:
-    """[D, h, w] -> [hw, D] rows in the bank's order (image, y, x)."""
+    """[D, h, w] -> [hw, D] rows in the bank's order (image, y, x), in the features' own dtype: stored
+    candidates stay float16 (half the memory); every consumer computes in float32 a chunk at a time."""
     d = features.shape[0]
-    return np.ascontiguousarray(features.reshape(d, -1).T, np.float32)
+    return np.ascontiguousarray(features.reshape(d, -1).T)
 
 
 def stream_version_writer(source: Path, bank: np.ndarray, threshold: float, evidence: dict[str, Any],
@@ -585,13 +590,15 @@ class StreamLearner:
         loaded = self.store.load(entries)
         if len(loaded) < (self.settings.min_candidates if check else 1):
             return self._done(False, number, f"{len(loaded)} candidates, fewer than {self.settings.min_candidates}", {})
+        grid = tuple(loaded[0][1].shape[1:])
+        for i, (entry, features) in enumerate(loaded):
+            loaded[i] = (entry, patches_of(features))  # one at a time: the [D, h, w] arrays go as their rows come
         held_count = int(round(self.settings.holdback * len(loaded))) if guards and check else 0
         fit_part, held_part = loaded[: len(loaded) - held_count], loaded[len(loaded) - held_count:]
         trusted = self._trusted_patches(manifest, params, checkpoint)
-        grid = tuple(loaded[0][1].shape[1:])
         capacity = int(manifest["scorer_onnx"]["capacity"])
-        held = [patches_of(f) for _, f in held_part]
-        fit = refit_from_stream(trusted, [patches_of(f) for _, f in fit_part], grid, params, capacity,
+        held = [patches for _, patches in held_part]
+        fit = refit_from_stream(trusted, [patches for _, patches in fit_part], grid, params, capacity,
                                 dataclasses.replace(self.settings, false_reject_rate=float(manifest["options"]["false_reject_rate"])),
                                 guards=guards, held=held, checkpoint=checkpoint)
         old_bank = np.load(source / manifest["bank"]["file"], allow_pickle=False)

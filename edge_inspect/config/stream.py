@@ -40,7 +40,8 @@ class StreamConfig(Section):
     max_frames: int = Field(
         200, ge=10, le=100_000,
         description="Candidates kept on disk per product (calibration/<product>/stream/); the oldest leave first. "
-        "Each is the frame's patch features in float16, about 300 KB at 256 px.",
+        "Each is the frame's patch features in float16, about 300 KB at 256 px; a refit holds about 0.8 MB per "
+        "candidate in memory (the frames and the coreset's projection): lower it on a box short of memory.",
     )
     max_position: float = Field(
         0.8, gt=0, le=1,

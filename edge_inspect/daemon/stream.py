@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..calibration import store
 from ..calibration.stream import RefitStopped, StreamCadence, StreamLearner, StreamSettings
 from ..config.stream import StreamConfig
-from ..feedback.service import lower_thread_priority
+from ..feedback.service import lower_thread_priority, release_free_heap
 from ..log_limit import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class StreamService:
                 for product, learner in list(self._learners.items()):
                     if not self._stop.is_set() and learner.due():
                         self.refit(product)
+                        release_free_heap()
             except Exception:  # noqa: BLE001 - one failed refit must not end learning
                 self.counts["errors"] += 1
                 self._log.exception("stream learning: a candidate or refit failed; the active calibration is unchanged")

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -42,6 +43,24 @@ def lower_thread_priority(increment: int = NICE_INCREMENT) -> bool:
     except (AttributeError, OSError) as exc:
         log.debug("feedback worker keeps its priority (%s)", exc)
         return False
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system after a refit (glibc's malloc_trim). A refit
+    frees ~100 MB of numpy temporaries that glibc otherwise keeps mapped for the process's lifetime:
+    RSS then stays at a refit's peak, which on an edge box is memory the next frame may need. Best
+    effort: False where the C library has no malloc_trim (musl, macOS)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (AttributeError, OSError):
+            _malloc_trim = False
+    return bool(_malloc_trim and _malloc_trim(0))
+
+
+_malloc_trim: Any = None
 
 
 class FeedbackService:
@@ -114,6 +133,7 @@ class FeedbackService:
                 if outcome.refitted is not None:
                     self._requests.count("refits")
                     self._swap(outcome.refitted)
+                    release_free_heap()
             finally:
                 self._requests.done()
             self._reply(outcome.body)
