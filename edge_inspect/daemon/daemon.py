@@ -52,7 +52,6 @@ _STATUS_EVERY_S = 2.0
 _HANG_LIMIT_S = 30.0  # a pipeline thread without progress this long is hung (without a systemd watchdog)
 
 
-
 def limit_background_blas() -> Any:
     """numpy's BLAS pool to one thread in the daemon. The daemon's heavy numpy work (stream and feedback
     refits) runs on niced background threads; BLAS worker threads are not niced, and at its default of one
@@ -64,6 +63,7 @@ def limit_background_blas() -> Any:
         log.warning("threadpoolctl is not installed: refits may slow the scorer (pip install threadpoolctl)")
         return None
     return threadpool_limits(limits=1, user_api="blas")
+
 
 class Daemon(ReloadMixin, HealthMixin):
     """The `edge-inspect run` process. `run()` blocks until stopped and returns the exit code.

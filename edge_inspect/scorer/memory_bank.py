@@ -45,7 +45,7 @@ def greedy_coreset_of(parts: Sequence[np.ndarray], size: int, seed: int = 0, pro
     x = np.empty((n, projection.shape[1] if projection is not None else dim), np.float32)
     at = 0
     for part, mask in zip(parts, masks):
-        rows = np.asarray(part[mask], np.float32) if not mask.all() else np.asarray(part, np.float32)
+        rows = np.asarray(part if mask.all() else part[mask], np.float32)
         x[at : at + rows.shape[0]] = rows @ projection if projection is not None else rows
         at += rows.shape[0]
     rng = np.random.default_rng(seed)
